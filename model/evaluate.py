@@ -471,12 +471,16 @@ def evaluate_predictor(predictor: Any, dataset: EvalDataset, concepts: Sequence[
             if dataset.coco is not None:
                 for inst in _field(pred, "instances"):
                     k = int(_field(inst, "concept_index"))
+                    if not 1 <= k <= len(concepts):
+                        raise ValueError(f"instance concept_index {k} is not a user concept (1..{len(concepts)})")
                     rle = _field(inst, "segmentation")
                     counts = rle["counts"].decode() if isinstance(rle["counts"], bytes) else rle["counts"]
                     results.append({"image_id": sample.image_id, "category_id": dataset.category_ids[lut[k] - 1],
                                     "segmentation": {"size": list(rle["size"]), "counts": counts},
                                     "score": float(_field(inst, "score"))})
             if has_labels:
+                if _field(pred, "semantic") is None:
+                    raise ValueError("the dataset has label maps but the predictor returned no semantic map")
                 matrix.update(lut[_as_int_array(_field(pred, "semantic"))], load_label_map(sample.label_path))
         if progress:
             print(f"\r{first + len(batch)}/{len(samples)} images", end="", file=sys.stderr, flush=True)

@@ -356,3 +356,19 @@ def test_cli_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         main(["--checkpoint", str(tmp_path / "nope.safetensors"), "--coco", str(tmp_path / "gt.json"),
               "--images", str(tmp_path / "images")])
+
+
+def test_evaluate_predictor_rejects_missing_semantic_map(tmp_path):
+    write_dataset(tmp_path)
+    dataset = load_coco_dataset(tmp_path / "gt.json", tmp_path / "images", tmp_path / "labels")
+
+    class NoSemantic(OraclePredictor):
+        def predict(self, images, concepts, **overrides):
+            return [SimpleNamespace(**{**vars(p), "semantic": None}) for p in super().predict(images, concepts)]
+
+    with pytest.raises(ValueError, match="no semantic map"):
+        evaluate_predictor(NoSemantic({3: "cat", 7: "dog"}), dataset)
+    # without label maps, instance-only predictions are fine
+    no_labels = load_coco_dataset(tmp_path / "gt.json", tmp_path / "images")
+    assert evaluate_predictor(NoSemantic({3: "cat", 7: "dog"}), no_labels).report["instances"]["AP"] == \
+        pytest.approx(100)
