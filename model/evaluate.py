@@ -24,6 +24,7 @@ import logging
 import math
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,7 @@ def evaluate_instances(gt: Mapping[str, Any] | str | Path, results: Sequence[Map
     # precision: [T iou thresholds, R recall thresholds, K categories, A area ranges, M maxDets]
     precision = evaluator.eval["precision"]
     image_set = set(image_ids)
+    gt_counts = Counter(a["category_id"] for a in gt_anns if a["image_id"] in image_set and not a["iscrowd"])
     per_category = {}
     for k, cat_id in enumerate(eval_cat_ids):
         p_all, p_50 = precision[:, :, k, 0, -1], precision[0, :, k, 0, -1]
@@ -150,8 +152,7 @@ def evaluate_instances(gt: Mapping[str, Any] | str | Path, results: Sequence[Map
             "name": "object" if class_agnostic else known_cats[cat_id],
             "AP": _percent(p_all[p_all > -1].mean()) if (p_all > -1).any() else None,
             "AP50": _percent(p_50[p_50 > -1].mean()) if (p_50 > -1).any() else None,
-            "num_gt": sum(1 for a in gt_anns if a["category_id"] == cat_id and a["image_id"] in image_set
-                          and not a["iscrowd"]),
+            "num_gt": gt_counts[cat_id],
         }
     report.update(per_category=per_category, num_images=len(image_ids), class_agnostic=class_agnostic,
                   category_ids=list(category_ids),
