@@ -1,0 +1,207 @@
+"""Letterbox geometry: how an image of any size becomes the ``S x S`` network input, and how the network's
+``h' x w'`` output grid maps back onto the original ``(H, W)`` pixels (docs/design.md, "Geometry policy").
+
+The image is resized (bilinear, aspect kept) so that its longer side is ``S``, placed at the top-left of an
+``S x S`` canvas and padded bottom/right with zeros *after* normalisation (i.e. with the mean colour). Outputs
+come back in one bilinear sampling from the grid straight to ``(H, W)``; nothing here allocates an ``S x S``
+intermediate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where an ``(H, W)`` image sits inside the square ``S x S`` network input.
+
+    ``image_hw`` is the original size in pixels, ``input_size`` is ``S``, ``resized_hw`` = ``(rh, rw)`` is the
+    size of the resized image, which occupies rows ``[0, rh)`` and columns ``[0, rw)`` of the input.
+    """
+
+    image_hw: tuple[int, int]
+    input_size: int
+    resized_hw: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        h, w = self.image_hw
+        rh, rw = self.resized_hw
+        if h < 1 or w < 1:
+            raise ValueError(f"image size must be positive, got (H, W) = {self.image_hw}")
+        if self.input_size < 1:
+            raise ValueError(f"input size must be positive, got {self.input_size}")
+        if not (1 <= rh <= self.input_size and 1 <= rw <= self.input_size):
+            raise ValueError(f"resized size {self.resized_hw} does not fit in a {self.input_size}^2 input")
+
+    @property
+    def valid_hw(self) -> tuple[int, int]:
+        """``(rh, rw)``: the unpadded region of the network input, in input pixels."""
+        return self.resized_hw
+
+    @property
+    def scale(self) -> float:
+        """Input pixels per original pixel (``S / max(H, W)``)."""
+        return self.input_size / max(self.image_hw)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the image is exactly the network input (square, ``S`` pixels, no resize, no padding)."""
+        return self.image_hw == self.resized_hw == (self.input_size, self.input_size)
+
+
+def letterbox_for(image_hw: Sequence[int], input_size: int) -> Letterbox:
+    """The letterbox of an ``(H, W)`` image in an ``S x S`` input: ``resized = round((H, W) * S / max(H, W))``.
+
+    Each resized side is at least 1 pixel (Python's ``round``: halves go to the even integer).
+    """
+    if len(image_hw) != 2:
+        raise ValueError(f"image_hw must be (H, W), got {tuple(image_hw)}")
+    h, w = (int(v) for v in image_hw)
+    s = int(input_size)
+    if h < 1 or w < 1:
+        raise ValueError(f"image size must be positive, got (H, W) = ({h}, {w})")
+    if s < 1:
+        raise ValueError(f"input size must be positive, got {input_size}")
+    longest = max(h, w)
+    # H * S / max(H, W) rather than H * (S / max): the longer side then comes out as exactly S.
+    resized = (max(1, round(h * s / longest)), max(1, round(w * s / longest)))
+    return Letterbox(image_hw=(h, w), input_size=s, resized_hw=resized)
+
+
+def _as_rgb_pil(image: "Image.Image | np.ndarray") -> "Image.Image":
+    from PIL import Image  # deferred: only the preprocessing path needs PIL
+
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"an image array must be (H, W, 3) uint8, got shape {image.shape} dtype {image.dtype}")
+        if image.shape[0] < 1 or image.shape[1] < 1:
+            raise ValueError(f"image is empty: shape {image.shape}")
+        return Image.fromarray(np.ascontiguousarray(image), mode="RGB")
+    raise ValueError(f"expected a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
+
+
+def preprocess_image(
+    image: "Image.Image | np.ndarray",
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> tuple[torch.Tensor, Letterbox]:
+    """Letterbox one image into a normalised network input.
+
+    Args:
+        image: a PIL image (any mode; converted to RGB) or an ``(H, W, 3)`` uint8 RGB array.
+        input_size: ``S``, the square input side in pixels.
+        mean, std: per-channel RGB normalisation on the ``[0, 1]`` scale.
+
+    Returns:
+        ``(x, letterbox)``: ``x`` is ``(3, S, S)`` float32, the PIL-bilinear resized image normalised with
+        ``(v - mean) / std`` in the top-left ``rh x rw`` region and 0 (the mean colour) elsewhere.
+    """
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values each, got {len(mean)} and {len(std)}")
+    if any(float(s) <= 0.0 for s in std):
+        raise ValueError(f"std must be positive, got {tuple(std)}")
+    pil = _as_rgb_pil(image)
+    box = letterbox_for((pil.height, pil.width), input_size)
+    rh, rw = box.resized_hw
+    if (rh, rw) != box.image_hw:
+        from PIL import Image
+
+        pil = pil.resize((rw, rh), resample=Image.Resampling.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    mean_t = torch.tensor([float(v) for v in mean], dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor([float(v) for v in std], dtype=torch.float32).view(3, 1, 1)
+    x = torch.zeros(3, box.input_size, box.input_size, dtype=torch.float32)
+    x[:, :rh, :rw] = (pixels - mean_t) / std_t
+    return x, box
+
+
+def _sampling_grid(
+    letterbox: Letterbox, rows: tuple[int, int] | None, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The ``(1, rows, W, 2)`` grid_sample grid (x, y in [-1, 1], align_corners=False) for output rows.
+
+    Output pixel ``y`` samples grid row ``g = (y + 0.5) * rh / (H * S) * h' - 0.5``; in grid_sample's
+    normalised coordinates (``g = ((n + 1) * h' - 1) / 2``) that is ``n = 2 * (y + 0.5) * rh / (H * S) - 1``,
+    independent of ``h'``. Coordinates are computed in float64 and then cast.
+    """
+    h, w = letterbox.image_hw
+    rh, rw = letterbox.resized_hw
+    s = letterbox.input_size
+    r0, r1 = (0, h) if rows is None else rows
+    ys = (torch.arange(r0, r1, dtype=torch.float64) + 0.5) * (2.0 * rh / (h * s)) - 1.0
+    xs = (torch.arange(w, dtype=torch.float64) + 0.5) * (2.0 * rw / (w * s)) - 1.0
+    grid = torch.empty(1, r1 - r0, w, 2, dtype=torch.float64)
+    grid[..., 0] = xs.view(1, 1, w)
+    grid[..., 1] = ys.view(1, -1, 1)
+    return grid.to(device=device, dtype=dtype)
+
+
+def resample_to_image(
+    maps: torch.Tensor, letterbox: Letterbox, rows: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Bilinearly resample maps on the network's output grid to the original image's pixels, in one sampling.
+
+    Exactly "stretch the ``h' x w'`` grid over the ``S x S`` input, crop the valid ``rh x rw`` region, resize to
+    ``(H, W)``" composed into a single ``grid_sample`` (bilinear, border clamp, align_corners=False). Grid values
+    just outside the valid region (padding) contribute to the last valid rows/columns, as they would in the
+    two-step version.
+
+    Args:
+        maps: ``(N, h', w')`` or ``(N, C, h', w')`` floating tensor on any device.
+        letterbox: the image's letterbox.
+        rows: optional ``(start, stop)`` range of output rows to produce (for chunking); default all ``H``.
+
+    Returns:
+        ``(N, H, W)`` or ``(N, C, H, W)`` (``H`` replaced by ``stop - start`` when ``rows`` is given), same dtype
+        and device as ``maps``.
+    """
+    if maps.ndim not in (3, 4):
+        raise ValueError(f"maps must be (N, h', w') or (N, C, h', w'), got shape {tuple(maps.shape)}")
+    if not maps.is_floating_point():
+        raise ValueError(f"maps must be a floating tensor, got {maps.dtype}")
+    h, w = letterbox.image_hw
+    if rows is not None and not (0 <= rows[0] <= rows[1] <= h):
+        raise ValueError(f"rows {rows} outside [0, {h}]")
+    lead = maps.shape[:-2]
+    gh, gw = maps.shape[-2:]
+    n_out = h if rows is None else rows[1] - rows[0]
+    if maps.numel() == 0 or n_out == 0:
+        return maps.new_zeros(*lead, n_out, w)
+    # All maps become channels of one batch item so that a single (1, rows, W, 2) grid serves them all.
+    grid = _sampling_grid(letterbox, rows, maps.dtype, maps.device)
+    flat = maps.reshape(1, -1, gh, gw)
+    out = F.grid_sample(flat, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.reshape(*lead, n_out, w)
+
+
+def valid_grid_hw(letterbox: Letterbox, grid_hw: Sequence[int]) -> tuple[int, int]:
+    """``(vh, vw)``: how many rows/columns of an ``h' x w'`` output grid cover any part of the valid region.
+
+    ``vh = ceil(rh / S * h')``, ``vw = ceil(rw / S * w')`` (exact integer arithmetic), clamped to
+    ``[1, h']`` / ``[1, w']``. A grid cell spans ``S / h'`` input pixels, so these are the cells that overlap
+    the unpadded ``rh x rw`` image (the last one possibly only partly).
+    """
+    gh, gw = (int(v) for v in grid_hw)
+    if gh < 1 or gw < 1:
+        raise ValueError(f"grid size must be positive, got {tuple(grid_hw)}")
+    rh, rw = letterbox.resized_hw
+    s = letterbox.input_size
+    vh = -(-rh * gh // s)
+    vw = -(-rw * gw // s)
+    return min(max(vh, 1), gh), min(max(vw, 1), gw)
+
+
+__all__ = ["Letterbox", "letterbox_for", "preprocess_image", "resample_to_image", "valid_grid_hw"]

@@ -1,0 +1,235 @@
+"""From one image's network outputs and concept embeddings to a ``Prediction`` (reference §3.2-3.4, Algorithm 1).
+
+Pure, batched tensor code on whatever device the inputs live on. Instance scores and categories come from the
+low-resolution ``h' x w'`` proposals; only the candidates that survive (non-background, non-empty) are resampled
+to the original ``(H, W)`` (exact: the others are discarded anyway, reference §7.4.4), then class-wise hard NMS,
+then COCO RLEs and boxes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.config import InferenceParams
+from model.geometry import Letterbox, resample_to_image, valid_grid_hw
+from model.nms import mask_nms
+from model.rle import encode_masks, masks_to_boxes_xywh
+
+# Bound on the elements of any full-resolution float intermediate (~64 MiB in float32).
+_CHUNK_ELEMENTS = 2**24
+
+
+@dataclass
+class InstancePrediction:
+    """One instance: its concept (index into ``Prediction.concepts``), score in [0, 1], COCO box ``[x, y, w, h]``
+    in pixels (inclusive extent), area in pixels and COCO RLE (``{"size": [H, W], "counts": str}``)."""
+
+    concept_index: int
+    concept: str
+    score: float
+    bbox_xywh: tuple[float, float, float, float]
+    area: int
+    segmentation: dict[str, Any]
+
+
+@dataclass
+class Prediction:
+    """Everything predicted for one ``(H, W)`` image.
+
+    ``concepts`` is the vocabulary, background first; ``instances`` are by descending score; ``semantic`` is an
+    ``(H, W)`` uint16 map of indices into ``concepts``, or None when not requested.
+    """
+
+    image_hw: tuple[int, int]
+    concepts: list[str]
+    instances: list[InstancePrediction]
+    semantic: np.ndarray | None
+
+
+def _check_outputs(mask_probs: torch.Tensor | None, semantic_features: torch.Tensor,
+                   text_embeddings: torch.Tensor) -> None:
+    if semantic_features.ndim != 3:
+        raise ValueError(f"semantic_features must be (h', w', E), got shape {tuple(semantic_features.shape)}")
+    if text_embeddings.ndim != 2 or text_embeddings.shape[0] < 1:
+        raise ValueError(f"text_embeddings must be (C, E) with C >= 1, got shape {tuple(text_embeddings.shape)}")
+    if text_embeddings.shape[1] != semantic_features.shape[2]:
+        raise ValueError(f"embedding sizes differ: semantic_features E={semantic_features.shape[2]}, "
+                         f"text_embeddings E={text_embeddings.shape[1]}")
+    if mask_probs is not None:
+        if mask_probs.ndim != 3:
+            raise ValueError(f"mask_probs must be (Q, h', w'), got shape {tuple(mask_probs.shape)}")
+        if mask_probs.shape[1:] != semantic_features.shape[:2]:
+            raise ValueError(f"grid sizes differ: mask_probs {tuple(mask_probs.shape[1:])}, "
+                             f"semantic_features {tuple(semantic_features.shape[:2])}")
+
+
+@torch.no_grad()
+def semantic_label_map(
+    semantic_features: torch.Tensor, text_embeddings: torch.Tensor, letterbox: Letterbox
+) -> torch.Tensor:
+    """Semantic segmentation (reference §3.2): argmax over concepts of the cosine logits resampled to ``(H, W)``.
+
+    The ``(C, h', w')`` logits are resampled in chunks of output rows, so memory stays bounded for any ``C``.
+    Resampling the ``E``-dim features first (the "exact equivalent" of §3.2, since both steps are linear) would
+    cost ``C * E`` multiply-adds per output pixel instead of ``4 * C``, so the logits are always what is resampled.
+    Equal logits resolve to the lowest concept index.
+
+    Args:
+        semantic_features: ``(h', w', E)`` unit-norm text-space features.
+        text_embeddings: ``(C, E)`` unit-norm, background at index 0.
+        letterbox: the image's letterbox.
+
+    Returns:
+        ``(H, W)`` int64 concept indices on the features' device.
+    """
+    _check_outputs(None, semantic_features, text_embeddings)
+    feats = semantic_features.float()
+    text = text_embeddings.to(device=feats.device, dtype=torch.float32)
+    logits = torch.einsum("hwe,ce->chw", feats, text)  # no temperature: argmax only
+    h, w = letterbox.image_hw
+    c = text.shape[0]
+    out = torch.empty(h, w, dtype=torch.int64, device=feats.device)
+    step = max(1, _CHUNK_ELEMENTS // (c * w))
+    for r0 in range(0, h, step):
+        r1 = min(h, r0 + step)
+        out[r0:r1] = resample_to_image(logits[None], letterbox, rows=(r0, r1))[0].argmax(dim=0)
+    return out
+
+
+@torch.no_grad()
+def instance_candidates(
+    mask_probs: torch.Tensor,
+    semantic_features: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    params: InferenceParams,
+    valid_hw: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score and classify every query from the low-res proposals (reference §3.3 steps 1-4, Algorithm 1).
+
+    Per query: ``binary = p > t``; ``area = sum(binary)``; objectness ``sum(p * binary) / (area + 1e-7)``; the
+    text-space features averaged over ``binary`` (divided by ``area + 1e-7``) and L2-normalised (``+ 1e-7``);
+    class probabilities ``sigmoid(temperature * cos)``; label = argmax (0 is background); score = objectness x
+    the max probability. Queries labelled background or with empty masks are dropped.
+
+    Args:
+        mask_probs: ``(Q, h', w')`` proposal probabilities in [0, 1].
+        semantic_features: ``(h', w', E)`` unit-norm; text_embeddings: ``(C, E)`` unit-norm.
+        params: ``mask_threshold`` and ``temperature`` are used.
+        valid_hw: if given, only the top-left ``(vh, vw)`` grid cells (those over the unpadded image, see
+            ``geometry.valid_grid_hw``) count; default the whole grid.
+
+    Returns:
+        ``(keep_idx, scores, labels)``: ``(K,)`` int64 query indices (ascending), their ``(K,)`` float32 scores
+        and ``(K,)`` int64 labels in ``[1, C)``, on the inputs' device.
+    """
+    _check_outputs(mask_probs, semantic_features, text_embeddings)
+    probs = mask_probs.float()
+    feats = semantic_features.float()
+    if valid_hw is not None:
+        vh, vw = valid_hw
+        probs, feats = probs[:, :vh, :vw], feats[:vh, :vw]
+    text = text_embeddings.to(device=probs.device, dtype=torch.float32)
+    q = probs.shape[0]
+    binary = (probs > params.mask_threshold).reshape(q, -1).to(torch.float32)  # (Q, P)
+    flat_probs = probs.reshape(q, -1)
+    area = binary.sum(dim=1)
+    objectness = (flat_probs * binary).sum(dim=1) / (area + 1e-7)
+    mean_feat = (binary @ feats.reshape(-1, feats.shape[-1])) / (area[:, None] + 1e-7)  # (Q, E)
+    mean_feat = mean_feat / (mean_feat.norm(dim=1, keepdim=True) + 1e-7)
+    class_probs = torch.sigmoid(params.temperature * (mean_feat @ text.T))  # (Q, C)
+    max_prob, labels = class_probs.max(dim=1)
+    scores = objectness * max_prob
+    keep_idx = torch.nonzero((labels != 0) & (area > 0)).flatten()
+    return keep_idx, scores[keep_idx], labels[keep_idx]
+
+
+@torch.no_grad()
+def full_resolution_masks(mask_probs: torch.Tensor, letterbox: Letterbox, threshold: float) -> torch.Tensor:
+    """Binary masks at the original size: resample the probabilities (one bilinear sampling), then ``> threshold``.
+
+    Args:
+        mask_probs: ``(K, h', w')`` probabilities; letterbox: the image's letterbox.
+
+    Returns:
+        ``(K, H, W)`` bool on the inputs' device. Float intermediates are bounded by chunking over masks.
+    """
+    h, w = letterbox.image_hw
+    k = mask_probs.shape[0]
+    out = torch.empty(k, h, w, dtype=torch.bool, device=mask_probs.device)
+    step = max(1, _CHUNK_ELEMENTS // (h * w))
+    probs = mask_probs.float()
+    for i in range(0, k, step):
+        out[i:i + step] = resample_to_image(probs[i:i + step], letterbox) > threshold
+    return out
+
+
+@torch.no_grad()
+def postprocess(
+    mask_probs: torch.Tensor,
+    semantic_features: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    concepts: list[str],
+    letterbox: Letterbox,
+    params: InferenceParams,
+    semantic: bool = True,
+) -> Prediction:
+    """One image's network outputs -> ``Prediction`` (instances and, optionally, the semantic map).
+
+    Candidates are scored at low resolution (:func:`instance_candidates`, over the grid cells covering the
+    unpadded image); the surviving masks are resampled to ``(H, W)`` and thresholded; empty ones are dropped;
+    class-wise hard NMS (IoU ``> params.nms_iou``, floor ``params.score_threshold``); then instances with
+    ``score > params.score_threshold`` are kept, by descending score (ties by query index), at most
+    ``params.max_instances``.
+
+    Unlike the release, the best candidate of a class is not returned when its score is ``<= score_threshold``
+    (with the default parameters no score can be that low: scores exceed ``0.5 * sigmoid(-5) ~ 0.0034``).
+
+    Args:
+        mask_probs: ``(Q, h', w')`` proposal probabilities (last decoder layer).
+        semantic_features: ``(h', w', E)`` unit-norm text-space features.
+        text_embeddings: ``(C, E)`` unit-norm concept embeddings, background at index 0.
+        concepts: the ``C`` concept names, background first.
+        letterbox: the image's letterbox (gives ``(H, W)``).
+        params: post-processing parameters.
+        semantic: also compute the semantic label map.
+    """
+    _check_outputs(mask_probs, semantic_features, text_embeddings)
+    c = text_embeddings.shape[0]
+    if len(concepts) != c:
+        raise ValueError(f"{len(concepts)} concept names for {c} text embeddings")
+    if c > 65536:
+        raise ValueError(f"at most 65536 concepts fit a uint16 label map, got {c}")
+
+    valid = valid_grid_hw(letterbox, mask_probs.shape[1:])
+    keep_idx, scores, labels = instance_candidates(mask_probs, semantic_features, text_embeddings, params, valid)
+    masks = full_resolution_masks(mask_probs[keep_idx], letterbox, params.mask_threshold)
+    areas = masks.sum(dim=(1, 2))
+    nonempty = torch.nonzero(areas > 0).flatten()
+    masks, scores, labels, areas = masks[nonempty], scores[nonempty], labels[nonempty], areas[nonempty]
+
+    kept = mask_nms(masks, scores, labels, params.nms_iou, params.score_threshold)
+    kept = kept[scores[kept].to(torch.float64) > params.score_threshold][: params.max_instances]
+    masks, scores, labels, areas = masks[kept], scores[kept], labels[kept], areas[kept]
+
+    rles = encode_masks(masks.cpu())
+    boxes = masks_to_boxes_xywh(masks).cpu().tolist()
+    instances = [
+        InstancePrediction(concept_index=int(lab), concept=concepts[int(lab)], score=float(s),
+                           bbox_xywh=tuple(float(v) for v in box), area=int(a), segmentation=rle)
+        for lab, s, box, a, rle in zip(labels.cpu().tolist(), scores.cpu().tolist(), boxes,
+                                       areas.cpu().tolist(), rles)
+    ]
+    label_map = None
+    if semantic:
+        label_map = semantic_label_map(semantic_features, text_embeddings, letterbox).cpu().numpy()
+        label_map = label_map.astype(np.uint16)
+    return Prediction(image_hw=letterbox.image_hw, concepts=list(concepts), instances=instances,
+                      semantic=label_map)
+
+
+__all__ = ["InstancePrediction", "Prediction", "semantic_label_map", "instance_candidates",
+           "full_resolution_masks", "postprocess"]
