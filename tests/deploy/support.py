@@ -36,12 +36,10 @@ def series_names() -> frozenset[str]:
 
 
 def find_executable(name: str) -> str | None:
-    """Path of `name` on PATH or beside the running interpreter (a virtualenv's bin/, not always on PATH)."""
-    found = shutil.which(name)
-    if found:
-        return found
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
+    """Path of `name` on PATH, beside the running interpreter (a virtualenv's bin/, not always on PATH) or in the
+    sbin folders (Debian's nginx), or None."""
+    directories = [Path(sys.executable).parent, Path("/usr/sbin"), Path("/usr/local/sbin")]
+    return shutil.which(name) or shutil.which(name, path=os.pathsep.join(map(str, directories)))
 
 
 def in_ci() -> bool:
