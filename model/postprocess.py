@@ -133,9 +133,9 @@ def instance_candidates(
         vh, vw = valid_hw
         probs, feats = probs[:, :vh, :vw], feats[:vh, :vw]
     text = text_embeddings.to(device=probs.device, dtype=torch.float32)
-    q = probs.shape[0]
-    binary = (probs > params.mask_threshold).reshape(q, -1).to(torch.float32)  # (Q, P)
-    flat_probs = probs.reshape(q, -1)
+    q, gh, gw = probs.shape
+    binary = (probs > params.mask_threshold).reshape(q, gh * gw).to(torch.float32)  # (Q, P)
+    flat_probs = probs.reshape(q, gh * gw)
     area = binary.sum(dim=1)
     objectness = (flat_probs * binary).sum(dim=1) / (area + 1e-7)
     mean_feat = (binary @ feats.reshape(-1, feats.shape[-1])) / (area[:, None] + 1e-7)  # (Q, E)
