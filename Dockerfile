@@ -45,7 +45,9 @@ RUN pip install --no-cache-dir --no-deps . \
 
 # Weights baked into the image so that it runs on its own; mounting a directory over /app/weights (as
 # docker-compose.yml does) or pointing ZUTIS_CHECKPOINT at another file replaces them without a rebuild.
-COPY weights/ weights/
+# The bracket makes the source a pattern, which BuildKit lets match nothing: a checkout without weights still
+# builds an image, to be run with weights mounted.
+COPY weight[s] weights/
 
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/zutis zutis
 # Numeric, so that runtimes (Kubernetes runAsNonRoot) can verify it is not root without reading /etc/passwd.
