@@ -149,7 +149,7 @@ def _layer_norm(x: torch.Tensor, state: dict[str, torch.Tensor], prefix: str) ->
 
 def _mha(state: dict[str, torch.Tensor], prefix: str, width: int, heads: int) -> nn.MultiheadAttention:
     """A sequence-first ``nn.MultiheadAttention`` holding the packed official weights under ``prefix``."""
-    attn = nn.MultiheadAttention(width, heads, dropout=0.0)
+    attn = nn.MultiheadAttention(width, heads, dropout=0.0, dtype=state[f"{prefix}.in_proj_weight"].dtype)
     attn.load_state_dict({k: state[f"{prefix}.{k}"] for k in
                           ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")})
     return attn.eval()
@@ -262,7 +262,7 @@ def official_forward(state: dict[str, torch.Tensor], vit: ViTSpec, images: torch
     h2, w2 = 2 * h, 2 * w
     up = up.permute(0, 2, 3, 1)  # (B, h', w', D)
     memory = _mlp3(up.reshape(b, h2 * w2, d), state, "ffn1")  # (B, h'w', D)
-    pos = sine_positional_encoding(b, d, h2, w2).flatten(2).permute(2, 0, 1)  # (h'w', B, D)
+    pos = sine_positional_encoding(b, d, h2, w2).flatten(2).permute(2, 0, 1).to(memory.dtype)  # (h'w', B, D)
     hs = decode(state, memory.permute(1, 0, 2), pos, dec_heads).permute(2, 0, 1, 3)  # (B, L, Q, D)
     emb = _mlp3(hs, state, "ffn2")
     emb = emb / emb.norm(dim=-1, keepdim=True)  # no epsilon (§1.8)
