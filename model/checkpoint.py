@@ -1,0 +1,170 @@
+"""The one checkpoint format: a safetensors file with every tensor the service needs, plus JSON metadata.
+
+Tensors: ``zutis.*`` (the network: encoder, heads, decoder; official key names after the prefix) and ``text.*``
+(the CLIP text tower). Metadata (safetensors ``__metadata__``, string values holding JSON): ``format``,
+``model_id``, ``model_config``, ``vocabulary`` (training vocabulary, background first), ``inference`` (default
+post-processing parameters), ``input_size`` (inference letterbox size), ``prompt_templates`` and ``provenance``
+(command, git commit, date, data, metrics). Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.config import InferenceParams, ModelConfig
+from model.network import ZUTIS
+from model.text import TextEncoder
+
+FORMAT = "zutis-checkpoint/1"
+
+
+@dataclass
+class CheckpointMetadata:
+    """Everything about a model that is not a tensor."""
+
+    model_id: str
+    model_config: ModelConfig
+    vocabulary: list[str]
+    inference: InferenceParams = field(default_factory=InferenceParams)
+    input_size: int | None = None  # None: the training input size of the model config
+    prompt_templates: list[str] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def inference_input_size(self) -> int:
+        return int(self.input_size or self.model_config.input_size)
+
+    def to_strings(self) -> dict[str, str]:
+        return {
+            "format": FORMAT,
+            "model_id": self.model_id,
+            "model_config": self.model_config.to_json(),
+            "vocabulary": json.dumps(self.vocabulary),
+            "inference": json.dumps(self.inference.to_dict(), sort_keys=True),
+            "input_size": json.dumps(self.input_size),
+            "prompt_templates": json.dumps(self.prompt_templates),
+            "provenance": json.dumps(self.provenance, sort_keys=True, default=str),
+        }
+
+    @classmethod
+    def from_strings(cls, meta: dict[str, str], source: str = "checkpoint") -> "CheckpointMetadata":
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{source}: not a zutis checkpoint (format {meta.get('format')!r}, "
+                             f"expected {FORMAT!r}); convert official files with python -m model.convert_official")
+        try:
+            return cls(
+                model_id=meta["model_id"],
+                model_config=ModelConfig.from_json(meta["model_config"]),
+                vocabulary=json.loads(meta["vocabulary"]),
+                inference=InferenceParams.from_dict(json.loads(meta["inference"])),
+                input_size=json.loads(meta.get("input_size", "null")),
+                prompt_templates=json.loads(meta.get("prompt_templates", "null")),
+                provenance=json.loads(meta.get("provenance", "{}")),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{source}: malformed checkpoint metadata ({exc})") from exc
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: ZUTIS
+    text_encoder: TextEncoder
+    metadata: CheckpointMetadata
+    sha256: str
+    path: Path
+
+    @property
+    def checkpoint_id(self) -> str:
+        """``model_id@<first 12 hex digits of the file's sha256>``: names exactly these weights."""
+        return f"{self.metadata.model_id}@{self.sha256[:12]}"
+
+
+def save_checkpoint(path: str | Path, model: ZUTIS, text_tower: nn.Module, metadata: CheckpointMetadata,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` + ``text_tower`` + ``metadata`` atomically (temporary file, then rename).
+
+    ``dtype`` (e.g. ``torch.float16``) stores floating-point tensors in that precision to save space; they are
+    loaded back as float32.
+    """
+    from safetensors.torch import save_file
+
+    if metadata.model_config != model.config:
+        raise ValueError("metadata.model_config differs from the model's own config")
+
+    def prep(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().cpu()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t.contiguous()
+
+    tensors = {f"zutis.{k}": prep(v) for k, v in model.state_dict().items()}
+    tensors.update({f"text.{k}": prep(v) for k, v in text_tower.state_dict().items() if k != "attn_mask"})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata.to_strings())
+    tmp.replace(path)
+    return path
+
+
+def read_metadata(path: str | Path) -> CheckpointMetadata:
+    """The metadata alone (cheap: reads the header, no tensors)."""
+    from safetensors import safe_open
+
+    path = _existing(path)
+    with safe_open(str(path), framework="pt") as f:
+        return CheckpointMetadata.from_strings(f.metadata() or {}, str(path))
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Build the network and text encoder from ``path`` and load the weights (strict; float32; eval mode)."""
+    from safetensors.torch import load_file
+
+    path = _existing(path)
+    metadata = read_metadata(path)
+    tensors = load_file(str(path), device="cpu")
+    model = ZUTIS(metadata.model_config)
+    text = TextEncoder(metadata.model_config)
+    _load_prefixed(model, tensors, "zutis.", path)
+    _load_prefixed(text.tower, tensors, "text.", path)
+    leftover = [k for k in tensors if not k.startswith(("zutis.", "text."))]
+    if leftover:
+        raise ValueError(f"{path}: unexpected tensors {leftover[:5]}")
+    model.to(device).eval()
+    text.to(device).eval()
+    return LoadedCheckpoint(model, text, metadata, file_sha256(path), path)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    return path
+
+
+def _load_prefixed(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> None:
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    own = {k: v for k, v in module.state_dict().items() if k != "attn_mask"}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{path}: {prefix}* tensors do not match the architecture in its metadata "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"{path}: {prefix}{k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=False)
