@@ -1,0 +1,79 @@
+"""Segment one image from the command line; prints the same JSON that ``POST /segment`` returns.
+
+    python -m model.predict --checkpoint weights/zutis-shapes.safetensors --image examples/shapes-1.png \\
+        --concepts "red circle,blue star" --out result.json --overlay overlay.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+
+def split_concepts(values: list[str]) -> list[str]:
+    """Repeated and/or comma-separated concept arguments -> a flat list (blanks dropped)."""
+    return [c.strip() for v in values for c in v.split(",") if c.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file (.safetensors, our format)")
+    parser.add_argument("--image", required=True, help="image file (PNG, JPEG, WebP, ...)")
+    parser.add_argument("--concepts", required=True, action="append",
+                        help="comma-separated concept names; may be repeated")
+    parser.add_argument("--out", help="write the JSON here instead of stdout")
+    parser.add_argument("--overlay", help="write a picture of the answer (masks, labels, scores) here")
+    parser.add_argument("--semantic", choices=["png", "rle", "none"], default="png")
+    parser.add_argument("--score-threshold", type=float)
+    parser.add_argument("--mask-threshold", type=float)
+    parser.add_argument("--nms-iou", type=float)
+    parser.add_argument("--max-instances", type=int)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on GPU), float32, float16, bfloat16")
+    parser.add_argument("--input-size", type=int, help="override the checkpoint's letterbox size")
+    args = parser.parse_args(argv)
+
+    for flag, path in (("--checkpoint", args.checkpoint), ("--image", args.image)):
+        if not Path(path).is_file():
+            parser.error(f"{flag}: file not found: {path}")
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        parser.error(f"--image: cannot read {args.image} as an image ({exc})")
+
+    import torch  # deferred so that --help is instant
+
+    from model.predictor import Predictor
+    from model.schema import Timings, build_response
+
+    torch.set_flush_denormal(True)
+    try:
+        predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.dtype, args.input_size)
+        t0 = time.perf_counter()
+        prediction = predictor.predict([image], split_concepts(args.concepts), semantic=args.semantic != "none",
+                                       score_threshold=args.score_threshold, mask_threshold=args.mask_threshold,
+                                       nms_iou=args.nms_iou, max_instances=args.max_instances)[0]
+        elapsed = (time.perf_counter() - t0) * 1000
+    except ValueError as exc:
+        parser.error(str(exc))
+    response = build_response(prediction, predictor.model_id, args.semantic,
+                              Timings(queue_ms=0.0, inference_ms=round(elapsed, 3), total_ms=round(elapsed, 3)))
+    text = response.model_dump_json(indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+    if args.overlay:
+        from model.overlay import draw_overlay
+
+        draw_overlay(image, response, semantic=prediction.semantic).save(args.overlay)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

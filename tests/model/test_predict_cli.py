@@ -1,0 +1,54 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.predict import main, split_concepts
+from model.predictor import Predictor
+from model.schema import SegmentResponse, build_response
+
+
+def test_predict_cli_split_concepts():
+    assert split_concepts(["cat, dog", "red umbrella", " ,"]) == ["cat", "dog", "red umbrella"]
+
+
+def test_predict_cli_prints_the_service_json_and_draws_overlay(tiny_checkpoint, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    img = tmp_path / "in.png"
+    Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(img)
+    assert main(["--checkpoint", str(tiny_checkpoint), "--image", str(img), "--concepts", "cat,dog",
+                 "--score-threshold", "0", "--overlay", str(tmp_path / "o.png"), "--device", "cpu"]) == 0
+    printed = SegmentResponse.model_validate_json(capsys.readouterr().out)
+    expected = build_response(
+        Predictor.from_checkpoint(tiny_checkpoint, "cpu").predict([Image.open(img)], ["cat", "dog"],
+                                                                  score_threshold=0.0)[0],
+        printed.model)
+    assert printed.model_dump(exclude={"timings"}) == expected.model_dump(exclude={"timings"})
+    overlay = Image.open(tmp_path / "o.png")
+    assert overlay.size == (56, 40) and overlay.mode == "RGB"
+    if printed.instances:  # masks are tinted: the overlay differs from the input
+        assert np.asarray(overlay).tolist() != np.asarray(Image.open(img)).tolist()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--image", "missing.png"], "file not found: missing.png"),
+    (["--concepts", " , "], "no concepts"),
+])
+def test_predict_cli_errors_are_clear(tiny_checkpoint, tmp_path, capsys, args, message):
+    img = tmp_path / "in.png"
+    Image.new("RGB", (10, 10)).save(img)
+    base = {"--checkpoint": str(tiny_checkpoint), "--image": str(img), "--concepts": "cat"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    with pytest.raises(SystemExit) as exc:
+        main([x for kv in base.items() for x in kv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_predict_cli_rejects_non_image(tiny_checkpoint, tmp_path, capsys):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tiny_checkpoint), "--image", str(bad), "--concepts", "cat"])
+    assert "cannot read" in capsys.readouterr().err
