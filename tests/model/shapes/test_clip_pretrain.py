@@ -1,0 +1,182 @@
+"""Tiny-CLIP pre-training: the loss, the schedule, accuracy bookkeeping, the shipped recipe, and short real runs
+whose files ``load_clip`` reads back."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.clip_weights import load_clip, save_clip
+from model.config import tiny_test_config
+from model.shapes.clip_pretrain import (ClipRecipe, accuracy_by_split, build_clip, contrastive_loss,
+                                        encode_image_interpolated, images_to_tensor, learning_rate, main,
+                                        pretrain_clip, train_clip)
+from model.shapes.world import ShapesWorld
+
+RECIPE_PATH = Path(__file__).resolve().parents[3] / "model" / "configs" / "shapes_clip.json"
+WORLD = ShapesWorld()
+
+
+def mini_recipe(**overrides) -> ClipRecipe:
+    base = dict(model_config=tiny_test_config(conv_stem=(8, 16)), batch_size=8, steps=3, warmup_steps=1,
+                eval_every=2, eval_per_concept=1, final_eval_per_concept=1, threads=1, seed=0)
+    base.update(overrides)
+    return ClipRecipe(**base)
+
+
+# -- pieces ------------------------------------------------------------------------------------------------------
+
+def test_contrastive_loss_with_distinct_groups_is_clip_loss() -> None:
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    scale = torch.tensor(math.log(10.0))
+    logits = 10.0 * img @ txt.t()
+    target = torch.arange(6)
+    reference = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    torch.testing.assert_close(contrastive_loss(img, txt, scale, torch.arange(6)), reference)
+
+
+def test_contrastive_loss_treats_equal_content_as_positives() -> None:
+    # two identical pairs: the ideal answer splits probability between them, so swapping them changes nothing
+    img = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    txt = img.clone()
+    scale = torch.tensor(0.0)  # logits are the cosine similarities
+    loss = contrastive_loss(img, txt, scale, torch.tensor([0, 0, 1]))
+    # rows 0 and 1: soft target (1/2, 1/2, 0) over logits (1, 1, 0); row 2: target (0, 0, 1) over (0, 0, 1);
+    # the text direction is the same by symmetry
+    expected = (2 * (math.log(2 * math.e + 1) - 1) + (math.log(2 + math.e) - 1)) / 3
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    swapped = contrastive_loss(img, txt[[1, 0, 2]], scale, torch.tensor([0, 0, 1]))
+    assert float(swapped) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_zero() -> None:
+    assert learning_rate(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert learning_rate(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert learning_rate(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert learning_rate(55, 100, 1.0, 10) == pytest.approx(0.5)
+    assert learning_rate(100, 100, 1.0, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_accuracy_by_split_counts_seen_unseen_colour_and_shape() -> None:
+    red_heart, red_circle, blue_heart = (WORLD.concept_id(n) for n in ("red heart", "red circle", "blue heart"))
+    assert red_heart in WORLD.unseen_ids and red_circle in WORLD.seen_ids
+    labels = np.array([red_heart, red_circle, red_circle, red_circle])
+    predicted = np.array([red_heart, red_circle, blue_heart, red_heart])
+    acc = accuracy_by_split(predicted, labels, WORLD)
+    assert acc["acc"] == 0.5 and acc["acc_unseen"] == 1.0 and acc["acc_seen"] == pytest.approx(1 / 3)
+    assert acc["acc_colour"] == 0.75 and acc["acc_shape"] == 0.5
+
+
+def test_images_to_tensor_uses_the_config_normalisation() -> None:
+    config = tiny_test_config(image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.5, 1.0))
+    images = np.zeros((1, 2, 2, 3), np.uint8)
+    images[..., 0] = 255
+    x = images_to_tensor(images, config)
+    assert x.shape == (1, 3, 2, 2)
+    assert x[0, :, 0, 0].tolist() == pytest.approx([2.0, -1.0, -0.5])
+
+
+def test_build_clip_sincos_init_is_open_clips_table_and_learnable() -> None:
+    from open_clip.pos_embed import get_2d_sincos_pos_embed
+
+    towers = build_clip(tiny_test_config(), pos_init="sincos")
+    pos = towers.visual.positional_embedding
+    assert pos.requires_grad and pos.shape == (65, 48)
+    np.testing.assert_allclose(pos.detach().numpy(), get_2d_sincos_pos_embed(48, 8, cls_token=True), rtol=1e-6)
+    random = build_clip(tiny_test_config(), pos_init="random").visual.positional_embedding
+    assert not torch.allclose(random, pos)
+    with pytest.raises(ValueError, match="pos_init"):
+        build_clip(tiny_test_config(), pos_init="rope")
+
+
+def test_encode_image_interpolated_matches_open_clip_when_positions_are_constant() -> None:
+    towers = build_clip(tiny_test_config(conv_stem=(8, 16)), seed=1)
+    visual = towers.visual.eval()
+    with torch.no_grad():
+        visual.positional_embedding[1:] = visual.positional_embedding[1:2].clone()  # bicubic keeps a constant
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(encode_image_interpolated(visual, x), visual(x), rtol=1e-4, atol=1e-5)
+    assert encode_image_interpolated(visual, torch.randn(1, 3, 128, 96)).shape == (1, 32)
+
+
+# -- recipe ------------------------------------------------------------------------------------------------------
+
+def test_shipped_recipe_matches_the_prototypes_best_configuration() -> None:
+    recipe = ClipRecipe.load(RECIPE_PATH)
+    oc = recipe.model_config.open_clip_config()
+    assert recipe.image_size == 64 and recipe.model_config.patch_size == 8
+    assert recipe.model_config.conv_stem == (32, 64)
+    assert oc["vision_cfg"]["width"] == 128 and oc["vision_cfg"]["layers"] == 4
+    assert oc["text_cfg"]["width"] == 128 and oc["text_cfg"]["layers"] == 3
+    assert oc["text_cfg"]["context_length"] == 16 and oc["embed_dim"] == 128
+    assert (recipe.batch_size, recipe.lr, recipe.warmup_steps) == (128, 2e-3, 100)
+    assert recipe.objects_p == (0.8, 0.12, 0.08)
+    assert ClipRecipe.from_dict(recipe.to_dict()) == recipe
+
+
+def test_recipe_rejects_bad_input(tmp_path) -> None:
+    d = json.loads(RECIPE_PATH.read_text())
+    with pytest.raises(ValueError, match="unknown ClipRecipe field"):
+        ClipRecipe.from_dict({**d, "learning_rate": 1.0})
+    with pytest.raises(ValueError, match="steps or minutes"):
+        ClipRecipe.from_dict({**d, "steps": None, "minutes": None})
+    with pytest.raises(ValueError, match="pos_init"):
+        ClipRecipe.from_dict({**d, "pos_init": "rope"})
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        ClipRecipe.load(tmp_path / "nope.json")
+
+
+# -- real (tiny) runs --------------------------------------------------------------------------------------------
+
+def test_train_clip_output_survives_save_and_load_clip(tmp_path) -> None:
+    towers, metrics = train_clip(mini_recipe(), log=lambda s: None, progress=False)
+    assert metrics["steps"] == 3 and [e["step"] for e in metrics["curve"]] == [2, 3]
+    path = tmp_path / "clip.safetensors"
+    save_clip(path, towers)
+    loaded = load_clip(path)
+    images = torch.randn(3, 3, 64, 64)
+    tokens = torch.randint(1, 49000, (3, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.visual(images), towers.visual(images), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.text(tokens), towers.text(tokens), rtol=0, atol=0)
+
+
+def test_pretrain_clip_is_deterministic_and_writes_metrics(tmp_path) -> None:
+    a = pretrain_clip(mini_recipe(), tmp_path / "a.safetensors", log=lambda s: None, progress=False)
+    b = pretrain_clip(mini_recipe(), tmp_path / "b.safetensors", log=lambda s: None, progress=False)
+    c = pretrain_clip(mini_recipe(), tmp_path / "c.safetensors", seed=1, log=lambda s: None, progress=False)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    ta, tb, tc = (load_file(str(p)) for p in (a, b, c))
+    assert ta.keys() == tb.keys()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not all(torch.equal(ta[k], tc[k]) for k in ta)
+    with safe_open(str(a), framework="pt") as f:
+        meta = f.metadata()
+    metrics, recipe = json.loads(meta["metrics"]), json.loads(meta["recipe"])
+    assert recipe["steps"] == 3 and recipe["seed"] == 0
+    final = metrics["final"]
+    assert final["n_images"] == 64
+    for key in ("acc", "acc_seen", "acc_unseen", "bare_name_acc", "interpolated_pos_acc", "acc_at_128px"):
+        assert 0.0 <= final[key] <= 1.0
+    assert load_clip(a).config == mini_recipe().model_config
+
+
+def test_cli_rejects_a_non_safetensors_output(tmp_path) -> None:
+    with pytest.raises(SystemExit):
+        main(["--config", str(RECIPE_PATH), "--out", str(tmp_path / "clip.pt")])
+
+
+def test_pretrain_clip_names_a_missing_recipe(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        pretrain_clip(tmp_path / "missing.json", tmp_path / "x.safetensors")
