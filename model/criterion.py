@@ -36,8 +36,10 @@ def mask_loss(layer_mask_probs: torch.Tensor, instance_masks: list[torch.Tensor]
     b = layer_mask_probs.shape[0]
     if len(instance_masks) != b:
         raise ValueError(f"{len(instance_masks)} instance stacks for a batch of {b}")
-    total = layer_mask_probs.new_zeros((), dtype=torch.float32)
     with torch.autocast(device_type=layer_mask_probs.device.type, enabled=False):
+        # zero that keeps every mask-branch parameter in the graph: DDP expects a gradient for each of them even
+        # when no image of the batch has instance pixels
+        total = layer_mask_probs.float().sum() * 0.0
         for probs, targets in zip(layer_mask_probs, instance_masks):
             if targets.shape[0] == 0 or not bool(targets.any()):
                 continue  # the release skips images without instance pixels but still divides by B

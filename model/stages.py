@@ -1,0 +1,271 @@
+"""Content-keyed, resumable data stages (index -> retrieval -> pseudo-masks) for ``model.train``.
+
+A stage's output lives in ``cache_dir/<name>-<key>/`` where ``key`` hashes everything the output depends on: the
+stage's parameters, fingerprints of its input files, and the keys of the stages it reads. A directory with a
+``DONE`` marker is reused as it is; otherwise the stage is built into a temporary directory that is renamed into
+place only when complete, so an interrupted build is never mistaken for a finished one.
+
+Fingerprints: a file is hashed by content (SHA-256); an image folder by the sorted list of its files' relative
+paths, sizes and modification times (hashing the content of millions of images would take longer than the stage).
+
+``prepare_training_data`` runs the ZUTIS chain for ``model.train`` from a ``DataConfig``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from model.config import ModelConfig
+
+DONE = "DONE"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training images and their masks come from (the ``data`` section of a training config).
+
+    Images: build the stages (``index_dirs`` searched recursively, embedded with ``retrieval_clip_weights``), or
+    give ``retrieval_file``, a finished ``{concept: [image paths]}`` JSON (the authors ship theirs). Masks:
+    ``pseudo_mask_dir`` (finished), else generated with ``pseudo_mask_params``; or ``ground_truth``
+    (``{"annotations": COCO instances JSON, "image_dir": folder}``) in place of pseudo-masks (the "oracle").
+    """
+
+    index_dirs: tuple[str, ...] = ()
+    retrieval_clip_weights: str | None = None  # default: the model's own CLIP weights
+    retrieval_clip_model: dict[str, Any] | None = None  # ModelConfig of an OpenAI/open_clip retrieval file
+    retrieval_n: int = 500
+    retrieval_templates: bool = True  # the 85 DenseCLIP templates (reference §5.1); False: raw names
+    retrieval_file: str | None = None
+    pseudo_mask_dir: str | None = None
+    pseudo_mask_params: dict[str, Any] = field(default_factory=dict)
+    ground_truth: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index_dirs", tuple(str(d) for d in self.index_dirs))
+        if self.ground_truth is not None and set(self.ground_truth) != {"annotations", "image_dir"}:
+            raise ValueError("data.ground_truth needs exactly the keys 'annotations' and 'image_dir'")
+        if self.retrieval_n < 1:
+            raise ValueError(f"data.retrieval_n must be positive, got {self.retrieval_n}")
+
+
+@dataclass
+class TrainingData:
+    """retrieval ``{concept: [paths]}``; annotations ``{path: [copy_paste.Instance]}``; provenance for export."""
+
+    retrieval: dict[str, list[str]]
+    annotations: dict[str, list[Any]]
+    provenance: dict[str, Any]
+
+
+def validate_data_inputs(data: DataConfig, clip_weights: str) -> None:
+    """Raise ``FileNotFoundError`` naming the first missing file or folder the data stages will read."""
+    files: list[tuple[str, str]] = []
+    dirs: list[tuple[str, str]] = []
+    if data.retrieval_file:
+        files.append(("data.retrieval_file", data.retrieval_file))
+    else:
+        if not data.index_dirs:
+            raise ValueError("config: give data.retrieval_file or data.index_dirs to retrieve training images from")
+        dirs += [("data.index_dirs", d) for d in data.index_dirs]
+        files.append(("data.retrieval_clip_weights", data.retrieval_clip_weights or clip_weights))
+    if data.ground_truth:
+        files.append(("data.ground_truth.annotations", data.ground_truth["annotations"]))
+        dirs.append(("data.ground_truth.image_dir", data.ground_truth["image_dir"]))
+    elif data.pseudo_mask_dir:
+        dirs.append(("data.pseudo_mask_dir", data.pseudo_mask_dir))
+    for what, p in files:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"{what}: file not found: {p}")
+    for what, p in dirs:
+        if not Path(p).is_dir():
+            raise FileNotFoundError(f"{what}: folder not found: {p}")
+
+
+def prepare_training_data(data: DataConfig, vocabulary: Sequence[str], clip_weights: str, model_config: ModelConfig,
+                          cache_dir: str | Path, device: torch.device, is_main: bool = True,
+                          log: Callable[[str], None] = print) -> TrainingData:
+    """Run (or reuse) index -> retrieval -> pseudo-masks and gather what ``CopyPasteDataset`` needs.
+
+    ``vocabulary``: training concepts without "background". ``is_main`` False (torchrun ranks > 0) waits for
+    rank 0's stages instead of building them.
+    """
+    from model import copy_paste
+
+    cache_dir = Path(cache_dir)
+    provenance: dict[str, Any] = {}
+    if data.retrieval_file:
+        raw = json.loads(Path(data.retrieval_file).read_text())
+        provenance["retrieval_file"] = {"path": str(data.retrieval_file), "sha256": file_digest(data.retrieval_file)}
+    else:
+        retrieval_dir = _retrieval_stages(data, vocabulary, clip_weights, model_config, cache_dir, device,
+                                          is_main, log)
+        raw = json.loads((retrieval_dir / "retrieval.json").read_text())
+        provenance["retrieval_stage"] = str(retrieval_dir)
+    if not isinstance(raw, dict):
+        raise ValueError("the retrieval JSON must map each concept to a list of image paths")
+    retrieval = {c: [str(p) for p in raw.get(c, [])] for c in vocabulary}
+    empty = [c for c, paths in retrieval.items() if not paths]
+    if empty:
+        log(f"warning: {len(empty)} concept(s) have no retrieved images, e.g. {empty[:3]}")
+    if data.ground_truth:
+        annotations = copy_paste.annotations_from_coco(data.ground_truth["annotations"],
+                                                       data.ground_truth["image_dir"], vocabulary)
+        provenance["masks"] = {"ground_truth": dict(data.ground_truth),
+                               "sha256": file_digest(data.ground_truth["annotations"])}
+    else:
+        from model.pseudo_mask import load_pseudo_masks
+
+        mask_dir = Path(data.pseudo_mask_dir) if data.pseudo_mask_dir else \
+            _pseudo_mask_stage(data, retrieval, cache_dir, device, is_main, log)
+        annotations = copy_paste.annotations_from_pseudo_masks(load_pseudo_masks(mask_dir))
+        provenance["masks"] = {"pseudo_mask_dir": str(mask_dir)}
+    provenance["images"] = len({p for paths in retrieval.values() for p in paths})
+    return TrainingData(retrieval, annotations, provenance)
+
+
+def _retrieval_stages(data: DataConfig, vocabulary: Sequence[str], clip_weights: str, model_config: ModelConfig,
+                      cache_dir: Path, device: torch.device, is_main: bool, log: Callable[[str], None]) -> Path:
+    """index -> retrieval, each cached by content key; returns the retrieval stage directory."""
+    weights = data.retrieval_clip_weights or clip_weights
+    arch = data.retrieval_clip_model if data.retrieval_clip_weights else model_config.to_dict()
+    index_inputs = {"image_dirs": {d: folder_fingerprint(d) for d in data.index_dirs},
+                    "clip_weights": file_digest(weights), "clip_model": arch}
+    retrieval_inputs = {"index": stage_key(index_inputs), "concepts": list(vocabulary), "n": data.retrieval_n,
+                        "templates": data.retrieval_templates}
+
+    def clip() -> Any:
+        from model.clip_weights import load_clip
+
+        towers = load_clip(weights, ModelConfig.from_dict(arch) if arch else None)
+        towers.visual.to(device)
+        towers.text.to(device)
+        return towers
+
+    def build_index(out: Path) -> None:
+        from model.index import build_index as build
+
+        build(list(data.index_dirs), clip(), out, model_id=Path(weights).name)
+
+    def build_retrieval(out: Path) -> None:
+        from model.prompts import PROMPT_TEMPLATES
+        from model.retrieve import retrieve
+
+        templates = list(PROMPT_TEMPLATES) if data.retrieval_templates else None
+        result = retrieve(index_dir, list(vocabulary), clip(), n=data.retrieval_n, templates=templates)
+        (out / "retrieval.json").write_text(json.dumps(result))
+
+    index_dir = _stage(cache_dir, "index", index_inputs, build_index, is_main, log)
+    return _stage(cache_dir, "retrieval", retrieval_inputs, build_retrieval, is_main, log)
+
+
+def _pseudo_mask_stage(data: DataConfig, retrieval: dict[str, list[str]], cache_dir: Path, device: torch.device,
+                       is_main: bool, log: Callable[[str], None]) -> Path:
+    paths = sorted({p for ps in retrieval.values() for p in ps})
+    inputs = {"images": stage_key({"paths": paths}), "params": data.pseudo_mask_params}
+
+    def build(out: Path) -> None:
+        from model.pseudo_mask import generate_pseudo_masks
+
+        generate_pseudo_masks(paths, out_dir=out, device=str(device), **data.pseudo_mask_params)
+
+    return _stage(cache_dir, "pseudo_masks", inputs, build, is_main, log)
+
+
+def _stage(cache_dir: Path, name: str, inputs: dict[str, Any], build: Callable[[Path], None], is_main: bool,
+           log: Callable[[str], None]) -> Path:
+    if is_main:
+        return run_stage(cache_dir, name, inputs, build, log=log)
+    return wait_for_stage(cache_dir, name, inputs)
+
+
+def file_digest(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
+    """SHA-256 (hex) of a file's content."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_fingerprint(folder: str | Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> str:
+    """SHA-256 (hex) over the sorted (relative path, size, mtime_ns) of the files under ``folder`` with
+    ``suffixes``, recursively."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder not found: {folder}")
+    suffixes = tuple(suffixes)
+    entries = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name.endswith(suffixes):
+                p = Path(root) / name
+                st = p.stat()
+                entries.append(f"{p.relative_to(folder).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}")
+    entries.sort()
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+def stage_key(inputs: dict[str, Any]) -> str:
+    """A short content key (16 hex digits) of a JSON-serialisable description of a stage's inputs."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_dir(cache_dir: str | Path, name: str, inputs: dict[str, Any]) -> Path:
+    return Path(cache_dir) / f"{name}-{stage_key(inputs)}"
+
+
+def is_done(directory: Path) -> bool:
+    return (directory / DONE).is_file()
+
+
+def run_stage(cache_dir: str | Path, name: str, inputs: dict[str, Any], build: Callable[[Path], None],
+              log: Callable[[str], None] = print) -> Path:
+    """Return the finished output directory of stage ``name`` for ``inputs``, building it with ``build(tmp_dir)``
+    only when no finished one exists. ``inputs.json`` records what the key was computed from."""
+    final = stage_dir(cache_dir, name, inputs)
+    if is_done(final):
+        log(f"stage {name}: cached at {final}")
+        return final
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    log(f"stage {name}: building {final}")
+    start = time.monotonic()
+    build(tmp)
+    (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))
+    (tmp / DONE).write_text(f"{time.monotonic() - start:.1f} s\n")
+    if final.exists():  # a stale, unfinished directory from an older layout
+        shutil.rmtree(final)
+    tmp.rename(final)
+    log(f"stage {name}: done in {time.monotonic() - start:.1f} s")
+    return final
+
+
+def wait_for_stage(cache_dir: str | Path, name: str, inputs: dict[str, Any], poll_seconds: float = 10.0,
+                   timeout_seconds: float | None = None) -> Path:
+    """Block until another process (rank 0) has finished the stage; used by the other ranks under torchrun, which
+    poll the file system rather than sit in a collective that would time out during an hours-long stage."""
+    final = stage_dir(cache_dir, name, inputs)
+    start = time.monotonic()
+    while not is_done(final):
+        if timeout_seconds is not None and time.monotonic() - start > timeout_seconds:
+            raise TimeoutError(f"stage {name} did not finish within {timeout_seconds} s: {final}")
+        time.sleep(poll_seconds)
+    return final
+
+
+__all__ = ["DataConfig", "TrainingData", "prepare_training_data", "validate_data_inputs", "file_digest", "folder_fingerprint", "stage_key", "stage_dir", "is_done", "run_stage", "wait_for_stage"]

@@ -1,0 +1,477 @@
+"""Train ZUTIS (reference §4): ``python -m model.train --config model/configs/X.json [--resume] [--out DIR]``.
+
+Reads top to bottom: config -> setup -> data stages -> model -> one loop (log, checkpoint) -> export.
+The same script runs under ``torchrun`` (DDP, one process per GPU; only rank 0 writes).
+
+- Data stages (``model.stages``): image index -> top-n retrieval per concept -> pseudo-masks, each cached in a
+  directory keyed by a content hash of its inputs, so a re-run (or ``--resume``) skips finished stages. A config
+  may instead give a finished retrieval JSON, a pseudo-mask folder, or ground-truth masks (the "oracle").
+- Resume: the training state (model, AdamW, step, RNGs) is written atomically every ``checkpoint_every`` steps.
+  The learning rate and the data stream are pure functions of the step, so ``--resume`` continues exactly as an
+  uninterrupted run (bitwise on CPU).
+- Export: the service's checkpoint format (``model.checkpoint``) with provenance (command, git commit, date, data,
+  config) and, when an eval set is configured, its metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from model.config import ModelConfig
+from model.copy_paste import CopyPasteDataset, StepBatchSampler, SynthesisParams, collate_samples
+from model.criterion import compute_losses
+from model.stages import DataConfig, prepare_training_data
+from model.training_state import load_training_state, save_training_state
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config: JSON -> dataclasses (unknown keys are errors, so a typo never silently falls back to a default)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The loop's hyper-parameters; defaults are the official COCO recipe (reference §4.1)."""
+
+    steps: int = 20000
+    batch_size: int = 8
+    lr: float = 5e-5
+    encoder_lr_mult: float = 0.1
+    weight_decay: float = 0.05
+    poly_power: float = 0.9
+    min_lr: float = 1e-6
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"mask": 1.0, "ce": 1.0})
+    grad_clip: float | None = None
+    seed: int = 0
+    num_workers: int = 8
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    log_every: int = 250
+    checkpoint_every: int = 1000
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """A COCO-format eval set: ``annotations`` (instances JSON), ``image_dir``, optional ``label_dir`` (semantic
+    PNGs). Metrics go into the exported checkpoint's metadata."""
+
+    annotations: str
+    image_dir: str
+    label_dir: str | None = None
+    max_images: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig
+    clip_weights: str
+    vocabulary: tuple[str, ...]  # training concepts without "background"
+    data: DataConfig
+    synthesis: SynthesisParams
+    optim: OptimConfig
+    eval: EvalConfig | None = None
+    out_dir: str = "runs/zutis"
+    cache_dir: str | None = None  # stage outputs; default <out_dir>/stages
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        _reject_unknown(d, cls, "config")
+        model = ModelConfig.from_dict(d["model"])
+        vocab = d["vocabulary"]
+        if isinstance(vocab, str):
+            from model.data import load_vocabulary
+
+            vocab = load_vocabulary(vocab)
+        vocab = [v for v in vocab if v != "background"]
+        if not vocab or len(set(vocab)) != len(vocab):
+            raise ValueError("config 'vocabulary' must be a non-empty list of distinct concepts (or a shipped name)")
+        synth = dict(d.get("synthesis", {}))
+        synth.setdefault("crop_size", model.input_size)
+        synth.setdefault("image_mean", model.image_mean)
+        synth.setdefault("image_std", model.image_std)
+        data = _section(DataConfig, d.get("data", {}), "data")
+        return cls(model=model, clip_weights=d["clip_weights"], vocabulary=tuple(vocab), data=data,
+                   synthesis=SynthesisParams.from_dict(synth), optim=_section(OptimConfig, d.get("optim", {}), "optim"),
+                   eval=_section(EvalConfig, d["eval"], "eval") if d.get("eval") else None,
+                   out_dir=d.get("out_dir", cls.out_dir), cache_dir=d.get("cache_dir"))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["model"] = self.model.to_dict()
+        return json.loads(json.dumps(out))
+
+
+def _reject_unknown(d: dict[str, Any], cls: type, where: str) -> None:
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown key(s) in {where}: {sorted(unknown)}")
+
+
+def _section(cls: type, d: dict[str, Any], where: str) -> Any:
+    _reject_unknown(d, cls, where)
+    return cls(**d)
+
+
+def load_config(path: str | Path, steps: int | None = None) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    d = json.loads(path.read_text())
+    if steps is not None:
+        d.setdefault("optim", {})["steps"] = steps
+    return TrainConfig.from_dict(d)
+
+
+def validate_inputs(cfg: TrainConfig) -> None:
+    """Check every file and folder the run will read, and the settings that could only fail later."""
+    from model.stages import validate_data_inputs
+
+    if not Path(cfg.clip_weights).is_file():
+        raise FileNotFoundError(f"clip_weights: file not found: {cfg.clip_weights}")
+    validate_data_inputs(cfg.data, cfg.clip_weights)
+    if cfg.eval:
+        checks = [("eval.annotations", cfg.eval.annotations, Path.is_file), ("eval.image_dir", cfg.eval.image_dir,
+                  Path.is_dir)]
+        if cfg.eval.label_dir:
+            checks.append(("eval.label_dir", cfg.eval.label_dir, Path.is_dir))
+        for what, p, exists in checks:
+            if not exists(Path(p)):
+                raise FileNotFoundError(f"{what}: not found: {p}")
+    o = cfg.optim
+    if o.steps < 1 or o.batch_size < 1 or o.log_every < 1 or o.checkpoint_every < 1 or o.num_workers < 0:
+        raise ValueError("optim.steps, batch_size, log_every and checkpoint_every must be positive")
+    unknown_losses = set(o.loss_weights) - {"mask", "ce"}
+    if unknown_losses:
+        raise ValueError(f"optim.loss_weights names unknown losses {sorted(unknown_losses)}; known: mask, ce")
+    if cfg.synthesis.ignore_index <= len(cfg.vocabulary):
+        raise ValueError(f"synthesis.ignore_index {cfg.synthesis.ignore_index} collides with label ids up to "
+                         f"{len(cfg.vocabulary)} (ImageNet-S919 uses 1000)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedule and optimiser
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def poly_lr(base_lr: float, step: int, total_steps: int, power: float = 0.9, min_lr: float = 1e-6) -> float:
+    """PolyLR of the release: ``max(base * (1 - step / total) ** power, min_lr)``; step 0 uses ``base``."""
+    return max(base_lr * (1.0 - step / total_steps) ** power, min_lr)
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with two groups: the CLIP encoder at ``lr * encoder_lr_mult``, everything else at ``lr``; weight
+    decay on every parameter (LayerNorms, biases and queries included, as the release)."""
+    encoder = [p for p in model.encoder.parameters() if p.requires_grad]
+    encoder_ids = {id(p) for p in encoder}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
+    groups = [{"params": encoder, "base_lr": optim.lr * optim.encoder_lr_mult, "name": "encoder"},
+              {"params": rest, "base_lr": optim.lr, "name": "heads"}]
+    for g in groups:
+        g["lr"] = g["base_lr"]
+    return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, optim: OptimConfig) -> list[float]:
+    lrs = []
+    for g in optimizer.param_groups:
+        g["lr"] = poly_lr(g["base_lr"], step, optim.steps, optim.poly_power, optim.min_lr)
+        lrs.append(g["lr"])
+    return lrs
+
+
+def total_loss(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """The one place loss weights are applied (a loss missing from ``weights`` has weight 1)."""
+    return sum(weights.get(name, 1.0) * value for name, value in losses.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_arg: str) -> tuple[Dist, torch.device]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1) and pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dist = Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    device = torch.device(f"cuda:{dist.local_rank}" if device_arg == "cuda" else device_arg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def git_commit() -> dict[str, Any]:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """ZUTIS with its encoder initialised from the CLIP weights (heads random) and the CLIP text tower."""
+    from model.clip_weights import load_clip
+    from model.network import ZUTIS
+
+    towers = load_clip(cfg.clip_weights, cfg.model)
+    model = ZUTIS(cfg.model)
+    model.encoder.load_state_dict(towers.visual.state_dict())
+    text_tower = towers.text.eval().requires_grad_(False)
+    return model, text_tower
+
+
+@torch.no_grad()
+def encode_vocabulary(text_tower: torch.nn.Module, cfg: TrainConfig) -> torch.Tensor:
+    """Unit-norm (C, E) text embeddings of ``["background", *vocabulary]`` (raw names, reference §2)."""
+    from model.text import TextEncoder
+
+    encoder = TextEncoder(cfg.model, text_tower)
+    return encoder.encode(["background", *cfg.vocabulary]).float()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def export(path: Path, model: torch.nn.Module, text_tower: torch.nn.Module, cfg: TrainConfig,
+           provenance: dict[str, Any], device: torch.device, log) -> Path:
+    """Write the service checkpoint; with an eval set, evaluate it and store the metrics in its provenance."""
+    from model.checkpoint import CheckpointMetadata, save_checkpoint
+
+    metadata = CheckpointMetadata(model_id=path.parent.name or "zutis", model_config=cfg.model,
+                                  vocabulary=["background", *cfg.vocabulary], provenance=provenance)
+    save_checkpoint(path, model, text_tower, metadata)
+    if cfg.eval is not None:
+        from model.evaluate import evaluate_checkpoint, load_coco_dataset
+
+        dataset = load_coco_dataset(cfg.eval.annotations, cfg.eval.image_dir, cfg.eval.label_dir)
+        log(f"evaluating {path} on {len(dataset)} images")
+        evaluation = evaluate_checkpoint(path, dataset, device=str(device), max_images=cfg.eval.max_images)
+        metadata.provenance["metrics"] = evaluation.report
+        save_checkpoint(path, model, text_tower, metadata)
+        log("metrics: " + json.dumps(evaluation.report, default=str)[:2000])
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The script
+# ---------------------------------------------------------------------------------------------------------------
+
+# Settings that may change between an interrupted run and its --resume without changing the result.
+_RESUME_MAY_CHANGE = ("out_dir", "cache_dir", "num_workers", "log_every", "checkpoint_every", "eval")
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    c = json.loads(json.dumps(config))
+    for k in _RESUME_MAY_CHANGE:
+        c.pop(k, None)
+        c.get("optim", {}).pop(k, None)
+    return c
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="training config JSON (see model/configs/)")
+    p.add_argument("--out", help="run directory (default: the config's out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+    p.add_argument("--steps", type=int, help="override optim.steps (the schedule length)")
+    p.add_argument("--stop-at", type=int, help="stop after this step, saving the training state, without exporting "
+                                               "(for time-limited jobs; continue with --resume)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--stages-only", action="store_true", help="build the data stages, then exit")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = [sys.executable, "-m", "model.train", *(sys.argv[1:] if argv is None else argv)]
+
+    # -- config: everything the run reads is checked here, before any work
+    cfg = load_config(args.config, steps=args.steps)
+    out_dir = Path(args.out or cfg.out_dir)
+    cfg = dataclasses.replace(cfg, out_dir=str(out_dir))
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "stages"
+    validate_inputs(cfg)
+    state_path = out_dir / "train_state.pt"
+    if args.resume and not state_path.is_file():
+        raise FileNotFoundError(f"--resume: no training state at {state_path}")
+    if not args.resume and state_path.exists():
+        raise FileExistsError(f"{state_path} exists: pass --resume to continue that run, or choose another --out")
+    if args.stop_at is not None and args.stop_at < 1:
+        raise ValueError("--stop-at must be positive")
+
+    # -- setup
+    dist, device = setup_distributed(args.device)
+    log = _logger(dist)
+    torch.set_flush_denormal(True)  # denormals made CPU step times swing 10x (shapes-notes.md)
+    seed_everything(cfg.optim.seed)
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"rank {dist.rank}/{dist.world_size} on {device}; run directory {out_dir}")
+
+    # -- data
+    data = prepare_training_data(cfg.data, cfg.vocabulary, cfg.clip_weights, cfg.model, cache_dir, device,
+                                 is_main=dist.main, log=log)
+    if args.stages_only:
+        return 0
+    dataset = CopyPasteDataset(data.retrieval, cfg.vocabulary, data.annotations, cfg.synthesis, cfg.optim.seed)
+    log(f"{len(dataset)} retrieved entries ({data.provenance['images']} images), {len(cfg.vocabulary)} concepts")
+
+    # -- model and optimiser
+    model, text_tower = build_model(cfg)
+    text_embeddings = encode_vocabulary(text_tower, cfg).to(device)
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg.optim)
+    step = 0
+    if args.resume:
+        step, extra = load_training_state(state_path, model, optimizer)
+        if _comparable(extra.get("config", {})) != _comparable(cfg.to_dict()):
+            raise ValueError(f"--resume: the config differs from the one {state_path} was trained with "
+                             f"(only {', '.join(_RESUME_MAY_CHANGE)} may change)")
+        log(f"resumed at step {step}")
+    train_model = model
+    if dist.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    o = cfg.optim
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatchSampler(o.batch_size, o.steps, step, dist.rank, dist.world_size),
+        collate_fn=collate_samples, num_workers=o.num_workers, pin_memory=device.type == "cuda",
+        generator=torch.Generator())  # its own generator: the loader must not draw from the global RNG
+    stop = min(o.steps, args.stop_at) if args.stop_at else o.steps
+    amp = device.type == "cuda" and o.amp
+
+    # -- the loop
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=stop, initial=step, disable=not (dist.main and sys.stderr.isatty()), unit="step")
+    window: dict[str, torch.Tensor] = {}
+    window_steps, window_start, data_seconds = 0, time.monotonic(), 0.0
+    batches = iter(loader)
+    while step < stop:
+        t0 = time.monotonic()
+        batch = next(batches).to(device)
+        data_seconds += time.monotonic() - t0
+        lrs = set_lr(optimizer, step, o)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = train_model(batch.images)
+        losses = compute_losses(out.all_layer_mask_probs(), out.semantic_features, text_embeddings, batch.semantic,
+                                batch.instance_masks, cfg.synthesis.ignore_index)
+        loss = total_loss(losses, o.loss_weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if o.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        for name, value in {**losses, "total": loss}.items():  # summed on device: no sync per step
+            window[name] = window.get(name, 0.0) + value.detach().float()
+        window_steps += 1
+
+        if step % o.log_every == 0 or step == stop:
+            means = _reduce_means(window, window_steps, dist)
+            if not all(math.isfinite(v) for v in means.values()):
+                raise FloatingPointError(f"non-finite loss at step {step}: {means}")
+            seconds = (time.monotonic() - window_start) / window_steps
+            record = {"step": step, **means, "lr": lrs, "seconds_per_step": seconds,
+                      "data_seconds_per_step": data_seconds / window_steps, "eta_seconds": seconds * (stop - step)}
+            bar.set_postfix(loss=f"{means['total']:.3f}")
+            log(f"step {step}/{o.steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in means.items())
+                + f" | lr {lrs[1]:.2e}/{lrs[0]:.2e} | {seconds:.3f} s/step (data {record['data_seconds_per_step']:.3f})"
+                + f" | ETA {_hms(record['eta_seconds'])}", record=record, out_dir=out_dir)
+            window, window_steps, window_start, data_seconds = {}, 0, time.monotonic(), 0.0
+        if dist.main and (step % o.checkpoint_every == 0 or step == stop):
+            save_training_state(state_path, model, optimizer, step, extra={"config": cfg.to_dict()})
+    bar.close()
+
+    # -- export
+    if step >= o.steps and dist.main:
+        provenance = {"command": command, "git": git_commit(), "cwd": os.getcwd(),
+                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "data": data.provenance,
+                      "config": cfg.to_dict(), "steps": step, "world_size": dist.world_size}
+        path = export(out_dir / "model.safetensors", model, text_tower, cfg, provenance, device, log)
+        log(f"exported {path}")
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _reduce_means(window: dict[str, torch.Tensor], steps: int, dist: Dist) -> dict[str, float]:
+    names = sorted(window)
+    values = torch.stack([window[n] for n in names]) / steps
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(values)
+        values /= dist.world_size
+    return dict(zip(names, values.tolist()))
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _logger(dist: Dist):
+    """Rank 0 prints to stdout and appends ``record`` (if given) to ``<out_dir>/log.jsonl``; other ranks stay
+    silent."""
+
+    def log(message: str, record: dict[str, Any] | None = None, out_dir: Path | None = None) -> None:
+        if not dist.main:
+            return
+        print(message, flush=True)
+        if record is not None and out_dir is not None:
+            with open(out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    return log
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""model.train: schedule and optimiser groups, input validation, exact resume, export the service can load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from model.config import tiny_test_config
+from model.train import OptimConfig, build_optimizer, main, poly_lr, total_loss
+
+CONCEPTS = ["red square", "blue circle"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_torch_state():
+    """``main`` sets the global seeds and flush-denormal mode; keep them from leaking into other tests."""
+    rng = torch.get_rng_state()
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_rng_state(rng)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """Six images with one ground-truth object each, a retrieval JSON, COCO GT and a tiny random CLIP file."""
+    from model.backbone import build_text_tower, build_vision_tower
+    from model.clip_weights import ClipTowers, save_clip
+
+    root = tmp_path_factory.mktemp("world")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    images, annotations, retrieval = [], [], {c: [] for c in CONCEPTS}
+    for i in range(6):
+        h, w = 48 + 8 * i, 64
+        img = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+        m = np.zeros((h, w), np.uint8)
+        c = i % 2
+        if c == 0:
+            m[8:28, 10 + i:30 + i] = 1
+        else:
+            yy, xx = np.mgrid[:h, :w]
+            m[(yy - 20) ** 2 + (xx - 30) ** 2 < 100] = 1
+        img[m > 0] = (220, 30, 30) if c == 0 else (30, 30, 220)
+        name = f"{i:03d}.png"
+        Image.fromarray(img).save(root / "images" / name)
+        rle = mask_utils.encode(np.asfortranarray(m))
+        rle["counts"] = rle["counts"].decode()
+        images.append({"id": i, "file_name": name, "height": h, "width": w})
+        annotations.append({"id": i, "image_id": i, "category_id": c + 1, "segmentation": rle, "iscrowd": 0,
+                            "area": int(m.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)]})
+        retrieval[CONCEPTS[c]].append(str(root / "images" / name))
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": i + 1, "name": c} for i, c in enumerate(CONCEPTS)]}
+    (root / "gt.json").write_text(json.dumps(coco))
+    (root / "retrieval.json").write_text(json.dumps(retrieval))
+    cfg = tiny_test_config()
+    torch.manual_seed(0)
+    save_clip(root / "clip.safetensors", ClipTowers(cfg, build_vision_tower(cfg), build_text_tower(cfg)))
+    return root
+
+
+def _config(world: Path, tmp_path: Path, **changes) -> Path:
+    config = {
+        "model": tiny_test_config().to_dict(),
+        "clip_weights": str(world / "clip.safetensors"),
+        "vocabulary": CONCEPTS,
+        "data": {"retrieval_file": str(world / "retrieval.json"),
+                 "ground_truth": {"annotations": str(world / "gt.json"), "image_dir": str(world / "images")}},
+        "synthesis": {"max_objects": 3},
+        "optim": {"steps": 4, "batch_size": 2, "num_workers": 0, "log_every": 1, "checkpoint_every": 3,
+                  "lr": 1e-3},
+        "out_dir": str(tmp_path / "run"),
+    }
+    for key, value in changes.items():
+        section, _, name = key.partition(".")
+        if name:
+            config[section][name] = value
+        else:
+            config[section] = value
+    path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_poly_lr_follows_the_release_schedule_with_its_floor():
+    assert poly_lr(5e-5, 0, 100) == 5e-5
+    assert poly_lr(5e-5, 50, 100) == pytest.approx(5e-5 * 0.5 ** 0.9)
+    assert poly_lr(5e-6, 90, 100) == 1e-6  # 5e-6 * 0.1^0.9 = 6.3e-7 is under the floor
+    assert poly_lr(5e-5, 100, 100) == 1e-6
+
+
+def test_optimizer_groups_encoder_at_a_tenth_and_decays_everything():
+    from model.network import ZUTIS
+
+    model = ZUTIS(tiny_test_config())
+    opt = build_optimizer(model, OptimConfig(lr=1e-3))
+    enc, heads = opt.param_groups
+    assert enc["lr"] == pytest.approx(1e-4) and heads["lr"] == pytest.approx(1e-3)
+    assert enc["weight_decay"] == heads["weight_decay"] == 0.05
+    in_groups = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(in_groups) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    assert {id(p) for p in enc["params"]} == {id(p) for p in model.encoder.parameters()}
+    assert any(p is model.query_embed for p in heads["params"])
+
+
+def test_total_loss_applies_each_weight_once():
+    losses = {"mask": torch.tensor(2.0), "ce": torch.tensor(3.0)}
+    assert total_loss(losses, {"mask": 1.0, "ce": 0.5}).item() == 3.5
+
+
+@pytest.mark.parametrize("change,missing", [
+    ({"clip_weights": "/nonexistent/clip.safetensors"}, "/nonexistent/clip.safetensors"),
+    ({"data.retrieval_file": "/nonexistent/retrieval.json"}, "/nonexistent/retrieval.json"),
+    ({"data.ground_truth": {"annotations": "/nonexistent/gt.json", "image_dir": "/tmp"}}, "/nonexistent/gt.json"),
+])
+def test_missing_inputs_are_named_before_any_work(world, tmp_path, change, missing):
+    with pytest.raises(FileNotFoundError, match=missing):
+        main(["--config", str(_config(world, tmp_path, **change)), "--device", "cpu"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_typos_and_bad_settings_are_rejected(world, tmp_path):
+    with pytest.raises(ValueError, match="stepz"):
+        main(["--config", str(_config(world, tmp_path, **{"optim.stepz": 3})), "--device", "cpu"])
+    with pytest.raises(ValueError, match="ignore_index"):
+        main(["--config", str(_config(world, tmp_path, synthesis={"ignore_index": 2})), "--device", "cpu"])
+    with pytest.raises(FileNotFoundError, match="train_state"):
+        main(["--config", str(_config(world, tmp_path)), "--device", "cpu", "--resume"])
+
+
+def _state(path: Path) -> dict:
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_and_export_loads_in_the_service_format(world, tmp_path):
+    from model.checkpoint import load_checkpoint
+
+    config = _config(world, tmp_path, eval={"annotations": str(world / "gt.json"),
+                                            "image_dir": str(world / "images")})
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["--config", str(config), "--device", "cpu", "--out", str(straight)]) == 0
+    assert main(["--config", str(config), "--device", "cpu", "--out", str(split), "--stop-at", "2"]) == 0
+    assert _state(split / "train_state.pt")["step"] == 2 and not (split / "model.safetensors").exists()
+    with pytest.raises(FileExistsError):  # never silently restart over an existing run
+        main(["--config", str(config), "--device", "cpu", "--out", str(split)])
+    with pytest.raises(ValueError, match="config differs"):
+        main(["--config", str(_config(world, tmp_path, **{"optim.lr": 2e-3})), "--device", "cpu", "--out",
+              str(split), "--resume"])
+    assert main(["--config", str(config), "--device", "cpu", "--out", str(split), "--resume"]) == 0
+
+    a, b = _state(straight / "train_state.pt"), _state(split / "train_state.pt")
+    assert a["step"] == b["step"] == 4
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    initial = _initial_encoder(world)
+    assert any(not torch.equal(a["model"][f"encoder.{k}"], v) for k, v in initial.items()), "encoder never moved"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+    loaded = load_checkpoint(straight / "model.safetensors")
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, a["model"][k]), k
+    meta = loaded.metadata
+    assert meta.vocabulary == ["background", *CONCEPTS]
+    prov = meta.provenance
+    assert {"command", "git", "date", "data", "config", "metrics"} <= set(prov)
+    assert prov["steps"] == 4 and prov["config"]["optim"]["steps"] == 4
+    assert prov["metrics"]["num_images"] == 6 and "instances" in prov["metrics"]
+    log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["lr"][0] < r["lr"][1] for r in log)
+    with torch.no_grad():  # the exported model runs
+        out = loaded.model(torch.zeros(1, 3, 64, 64))
+    assert out.mask_probs.shape == (1, 10, 16, 16)
+
+
+def _initial_encoder(world: Path) -> dict:
+    """The encoder weights as in the CLIP file, which the CE loss must have moved."""
+    from model.clip_weights import load_clip
+
+    return load_clip(world / "clip.safetensors").visual.state_dict()
