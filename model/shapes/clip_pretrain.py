@@ -46,12 +46,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.backbone import build_text_tower, build_tokenizer, build_vision_tower, interpolate_pos_embed
+from model.backbone import build_text_tower, build_tokenizer, build_vision_tower
 from model.clip_weights import ClipTowers, save_clip
 from model.config import ModelConfig
-from model.shapes.world import SHAPES, ShapesWorld, caption, prompt, render_caption_batch, render_scene
+from model.shapes.world import ShapesWorld, render_caption_batch
+from model.shapes.zero_shot import final_metrics, images_to_tensor, render_eval_set, zero_shot_accuracy
 
-TRAIN_STREAM, EVAL_STREAM, FINAL_EVAL_STREAM = 0, 3, 4
+TRAIN_STREAM = 0
 _NO_DECAY = ("token_embedding", "positional_embedding", "class_embedding")
 
 
@@ -180,14 +181,6 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int) -
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def images_to_tensor(images: np.ndarray, config: ModelConfig) -> torch.Tensor:
-    """(B, H, W, 3) uint8 RGB -> (B, 3, H, W) float32 normalised with the config's mean/std."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(config.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(config.image_std).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 class CachedTokenizer:
     """open_clip's tokenizer with a per-string cache (the shapes world has a few thousand distinct captions)."""
 
@@ -201,72 +194,6 @@ class CachedTokenizer:
             for t, row in zip(missing, self._tokenize(missing)):
                 self._cache[t] = row
         return torch.stack([self._cache[t] for t in texts])
-
-
-def render_eval_set(world: ShapesWorld, size: int, per_concept: int, seed: int,
-                    stream: int = EVAL_STREAM) -> tuple[np.ndarray, np.ndarray]:
-    """Single-object images for zero-shot evaluation: (64 * per_concept, size, size, 3) uint8 and their concept
-    ids (N,) int64, ``per_concept`` images of every concept."""
-    images, labels = [], []
-    for cid in world.split_ids("all"):
-        for j in range(per_concept):
-            scene = render_scene(np.random.default_rng([seed, stream, cid, j]), size, [cid], world)
-            images.append(scene.image)
-            labels.append(cid)
-    return np.stack(images), np.asarray(labels, dtype=np.int64)
-
-
-@torch.no_grad()
-def zero_shot_accuracy(towers: ClipTowers, tokenizer: Callable[[Sequence[str]], torch.Tensor], images: np.ndarray,
-                       labels: np.ndarray, world: ShapesWorld, prompts: Sequence[str] | None = None,
-                       batch_size: int = 256, interpolate_positions: bool = False) -> dict[str, float]:
-    """Classify each image among all 64 concepts by cosine similarity to the prompt embeddings.
-
-    ``prompts[i]`` describes concept ``i + 1`` (default ``"a {colour} {shape}"``). ``interpolate_positions``
-    encodes images with ``encode_image_interpolated`` (any image size). Returns fractions in [0, 1]:
-    ``acc`` (all images), ``acc_seen`` / ``acc_unseen`` (images of seen / unseen concepts, still classified
-    among all 64), ``acc_colour`` / ``acc_shape`` (the predicted concept has the right colour / shape).
-    """
-    prompts = list(prompts or [prompt(n) for n in world.concepts])
-    was_training = towers.visual.training, towers.text.training
-    towers.visual.eval()
-    towers.text.eval()
-    text = F.normalize(towers.text(tokenizer(prompts)), dim=-1)
-    preds = []
-    for i in range(0, len(images), batch_size):
-        x = images_to_tensor(images[i:i + batch_size], towers.config)
-        emb = encode_image_interpolated(towers.visual, x) if interpolate_positions else towers.visual(x)
-        preds.append((F.normalize(emb, dim=-1) @ text.t()).argmax(dim=1) + 1)
-    towers.visual.train(was_training[0])
-    towers.text.train(was_training[1])
-    return accuracy_by_split(torch.cat(preds).numpy(), labels, world)
-
-
-def encode_image_interpolated(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The CLIP image embedding (B, E) with the positional embedding re-interpolated to the input's grid the way
-    ZUTIS does (``backbone.interpolate_pos_embed``), so any ``images`` (B, 3, H, W) size works."""
-    x = visual.conv1(images)
-    b, d, h, w = x.shape
-    x = x.reshape(b, d, h * w).permute(0, 2, 1)
-    x = torch.cat([visual.class_embedding.view(1, 1, d).expand(b, 1, d).to(x.dtype), x], dim=1)
-    x = visual.ln_pre(x + interpolate_pos_embed(visual.positional_embedding, h, w).to(x.dtype))
-    x = visual.ln_post(visual.transformer(x)[:, 0])
-    return x @ visual.proj
-
-
-def accuracy_by_split(predicted: np.ndarray, labels: np.ndarray, world: ShapesWorld) -> dict[str, float]:
-    """Accuracies of predicted concept ids (N,) against true ids (N,); see ``zero_shot_accuracy``."""
-    predicted, labels = np.asarray(predicted), np.asarray(labels)
-    correct = predicted == labels
-    seen = np.isin(labels, world.seen_ids)
-    n_shapes = len(SHAPES)
-    return {
-        "acc": float(correct.mean()),
-        "acc_seen": float(correct[seen].mean()) if seen.any() else float("nan"),
-        "acc_unseen": float(correct[~seen].mean()) if (~seen).any() else float("nan"),
-        "acc_colour": float(((predicted - 1) // n_shapes == (labels - 1) // n_shapes).mean()),
-        "acc_shape": float(((predicted - 1) % n_shapes == (labels - 1) % n_shapes).mean()),
-    }
 
 
 # -- data --------------------------------------------------------------------------------------------------------
@@ -313,6 +240,40 @@ def tune_cpu(threads: int) -> None:
         pass
 
 
+def content_groups(contents: Sequence[tuple[int, ...]]) -> torch.Tensor:
+    """(B,) int64 group ids, equal exactly for equal contents (e.g. the sorted concept ids in each image)."""
+    index = {c: i for i, c in enumerate(dict.fromkeys(contents))}
+    return torch.tensor([index[c] for c in contents], dtype=torch.int64)
+
+
+def train_step(towers: ClipTowers, logit_scale: nn.Parameter, optimizer: torch.optim.Optimizer,
+               images: torch.Tensor, tokens: torch.Tensor, group_ids: torch.Tensor,
+               grad_clip: float | None = None) -> float:
+    """One optimisation step on a batch: images (B, 3, S, S) normalised, tokens (B, context) int64, group ids
+    (B,). The logit scale is clamped to at most 100 afterwards, as in CLIP. Returns the loss."""
+    image_emb = F.normalize(towers.visual(images), dim=-1)
+    text_emb = F.normalize(towers.text(tokens), dim=-1)
+    loss = contrastive_loss(image_emb, text_emb, logit_scale, group_ids)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    optimizer.step()
+    with torch.no_grad():
+        logit_scale.clamp_(0, math.log(100))
+    return float(loss.detach())
+
+
+def build_optimizer(towers: ClipTowers, logit_scale: nn.Parameter, recipe: ClipRecipe) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (not on embeddings, norms, biases or the logit scale)."""
+    named = [(f"visual.{n}", p) for n, p in towers.visual.named_parameters() if p.requires_grad] + \
+            [(f"text.{n}", p) for n, p in towers.text.named_parameters() if p.requires_grad]
+    decays = {n: p.ndim >= 2 and not any(k in n for k in _NO_DECAY) for n, p in named}
+    return torch.optim.AdamW([{"params": [p for n, p in named if decays[n]], "weight_decay": recipe.weight_decay},
+                              {"params": [p for n, p in named if not decays[n]] + [logit_scale],
+                               "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
 # -- the run -----------------------------------------------------------------------------------------------------
 
 def train_clip(recipe: ClipRecipe, log: Callable[[str], None] = print,
@@ -326,13 +287,7 @@ def train_clip(recipe: ClipRecipe, log: Callable[[str], None] = print,
     towers = build_clip(config, recipe.pos_init, recipe.seed)
     tokenizer = CachedTokenizer(config)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    named = [(f"visual.{n}", p) for n, p in towers.visual.named_parameters()] + \
-            [(f"text.{n}", p) for n, p in towers.text.named_parameters()]
-    decay = [p for n, p in named if p.requires_grad and p.ndim >= 2 and not any(k in n for k in _NO_DECAY)]
-    no_decay = [p for n, p in named if p.requires_grad and not (p.ndim >= 2 and not any(k in n for k in _NO_DECAY))]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                                   {"params": no_decay + [logit_scale], "weight_decay": 0.0}],
-                                  lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = build_optimizer(towers, logit_scale, recipe)
     eval_images, eval_labels = render_eval_set(world, recipe.image_size, recipe.eval_per_concept, recipe.seed)
 
     budget_s = None if recipe.steps is not None else recipe.minutes * 60.0
@@ -349,19 +304,8 @@ def train_clip(recipe: ClipRecipe, log: Callable[[str], None] = print,
         lr = learning_rate(step, total, recipe.lr, recipe.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        groups = {c: i for i, c in enumerate(dict.fromkeys(contents))}
-        group_ids = torch.tensor([groups[c] for c in contents])
-        image_emb = F.normalize(towers.visual(images_to_tensor(images, config)), dim=-1)
-        text_emb = F.normalize(towers.text(tokenizer(captions)), dim=-1)
-        loss = contrastive_loss(image_emb, text_emb, logit_scale, group_ids)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if recipe.grad_clip is not None:
-            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], recipe.grad_clip)
-        optimizer.step()
-        with torch.no_grad():
-            logit_scale.clamp_(0, math.log(100))
-        last_loss = float(loss.detach())
+        last_loss = train_step(towers, logit_scale, optimizer, images_to_tensor(images, config), tokenizer(captions),
+                               content_groups(contents), recipe.grad_clip)
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.1e}", refresh=False)
         done = step + 1
@@ -376,7 +320,8 @@ def train_clip(recipe: ClipRecipe, log: Callable[[str], None] = print,
             metrics = zero_shot_accuracy(towers, tokenizer, eval_images, eval_labels, world)
             eval_seconds += time.perf_counter() - t0
             entry = {"step": done, "seconds": round(time.perf_counter() - start, 1), "loss": round(last_loss, 4),
-                     "logit_scale": round(float(logit_scale.detach().exp()), 2), **{k: round(v, 4) for k, v in metrics.items()}}
+                     "logit_scale": round(float(logit_scale.detach().exp()), 2),
+                     **{k: round(v, 4) for k, v in metrics.items()}}
             curve.append(entry)
             log(_format_eval(entry))
     batches.close()
@@ -384,20 +329,7 @@ def train_clip(recipe: ClipRecipe, log: Callable[[str], None] = print,
     seconds = time.perf_counter() - start
     towers.visual.eval()
     towers.text.eval()
-    final_images, final_labels = render_eval_set(world, recipe.image_size, recipe.final_eval_per_concept,
-                                                 recipe.seed, FINAL_EVAL_STREAM)
-    final = zero_shot_accuracy(towers, tokenizer, final_images, final_labels, world)
-    bare = zero_shot_accuracy(towers, tokenizer, final_images, final_labels, world,
-                              prompts=[caption([n], articles=False) for n in world.concepts])
-    final.update({f"bare_name_{k}": v for k, v in bare.items()})
-    # as ZUTIS will see it: positions re-interpolated, at the trained size and at twice that size
-    interp = zero_shot_accuracy(towers, tokenizer, final_images, final_labels, world, interpolate_positions=True)
-    final["interpolated_pos_acc"] = interp["acc"]
-    big_images, big_labels = render_eval_set(world, 2 * recipe.image_size, recipe.eval_per_concept, recipe.seed,
-                                             FINAL_EVAL_STREAM)
-    big = zero_shot_accuracy(towers, tokenizer, big_images, big_labels, world, interpolate_positions=True)
-    final[f"acc_at_{2 * recipe.image_size}px"] = big["acc"]
-    final["n_images"] = int(len(final_labels))
+    final = final_metrics(towers, tokenizer, recipe.image_size, recipe.final_eval_per_concept, recipe.seed, world)
     log("final (fresh images): " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in final.items()))
     metrics = {"curve": curve, "final": final, "steps": total, "seconds": round(seconds, 1),

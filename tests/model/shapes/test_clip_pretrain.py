@@ -3,7 +3,6 @@ whose files ``load_clip`` reads back."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,9 +14,8 @@ import torch.nn.functional as F
 
 from model.clip_weights import load_clip, save_clip
 from model.config import tiny_test_config
-from model.shapes.clip_pretrain import (ClipRecipe, accuracy_by_split, build_clip, contrastive_loss,
-                                        encode_image_interpolated, images_to_tensor, learning_rate, main,
-                                        pretrain_clip, train_clip)
+from model.shapes.clip_pretrain import (ClipRecipe, build_clip, content_groups, contrastive_loss, learning_rate,
+                                        main, pretrain_clip, train_clip)
 from model.shapes.world import ShapesWorld
 
 RECIPE_PATH = Path(__file__).resolve().parents[3] / "model" / "configs" / "shapes_clip.json"
@@ -58,31 +56,16 @@ def test_contrastive_loss_treats_equal_content_as_positives() -> None:
     assert float(swapped) == pytest.approx(float(loss), rel=1e-6)
 
 
+def test_content_groups_are_equal_exactly_for_equal_contents() -> None:
+    assert content_groups([(1,), (2, 5), (1,), (), (5, 2), ()]).tolist() == [0, 1, 0, 2, 3, 2]
+
+
 def test_learning_rate_warms_up_linearly_then_decays_to_zero() -> None:
     assert learning_rate(0, 100, 1.0, 10) == pytest.approx(0.1)
     assert learning_rate(9, 100, 1.0, 10) == pytest.approx(1.0)
     assert learning_rate(10, 100, 1.0, 10) == pytest.approx(1.0)
     assert learning_rate(55, 100, 1.0, 10) == pytest.approx(0.5)
     assert learning_rate(100, 100, 1.0, 10) == pytest.approx(0.0, abs=1e-12)
-
-
-def test_accuracy_by_split_counts_seen_unseen_colour_and_shape() -> None:
-    red_heart, red_circle, blue_heart = (WORLD.concept_id(n) for n in ("red heart", "red circle", "blue heart"))
-    assert red_heart in WORLD.unseen_ids and red_circle in WORLD.seen_ids
-    labels = np.array([red_heart, red_circle, red_circle, red_circle])
-    predicted = np.array([red_heart, red_circle, blue_heart, red_heart])
-    acc = accuracy_by_split(predicted, labels, WORLD)
-    assert acc["acc"] == 0.5 and acc["acc_unseen"] == 1.0 and acc["acc_seen"] == pytest.approx(1 / 3)
-    assert acc["acc_colour"] == 0.75 and acc["acc_shape"] == 0.5
-
-
-def test_images_to_tensor_uses_the_config_normalisation() -> None:
-    config = tiny_test_config(image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.5, 1.0))
-    images = np.zeros((1, 2, 2, 3), np.uint8)
-    images[..., 0] = 255
-    x = images_to_tensor(images, config)
-    assert x.shape == (1, 3, 2, 2)
-    assert x[0, :, 0, 0].tolist() == pytest.approx([2.0, -1.0, -0.5])
 
 
 def test_build_clip_sincos_init_is_open_clips_table_and_learnable() -> None:
@@ -96,16 +79,6 @@ def test_build_clip_sincos_init_is_open_clips_table_and_learnable() -> None:
     assert not torch.allclose(random, pos)
     with pytest.raises(ValueError, match="pos_init"):
         build_clip(tiny_test_config(), pos_init="rope")
-
-
-def test_encode_image_interpolated_matches_open_clip_when_positions_are_constant() -> None:
-    towers = build_clip(tiny_test_config(conv_stem=(8, 16)), seed=1)
-    visual = towers.visual.eval()
-    with torch.no_grad():
-        visual.positional_embedding[1:] = visual.positional_embedding[1:2].clone()  # bicubic keeps a constant
-    x = torch.randn(2, 3, 64, 64)
-    torch.testing.assert_close(encode_image_interpolated(visual, x), visual(x), rtol=1e-4, atol=1e-5)
-    assert encode_image_interpolated(visual, torch.randn(1, 3, 128, 96)).shape == (1, 32)
 
 
 # -- recipe ------------------------------------------------------------------------------------------------------
