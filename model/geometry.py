@@ -187,6 +187,78 @@ def resample_to_image(
     return out.reshape(*lead, n_out, w)
 
 
+def _axis_sampling(
+    out_size: int, valid: int, grid_size: int, input_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per output index along one axis: the two grid indices it interpolates between and the weight of the second.
+
+    Output index ``o`` samples grid coordinate ``(o + 0.5) * valid / (out_size * S) * grid_size - 0.5``, clamped
+    to ``[0, grid_size - 1]`` (grid_sample's border padding). Returns int64 ``i0``, ``i1`` and float64 weights.
+    """
+    g = (torch.arange(out_size, dtype=torch.float64) + 0.5) * (valid * grid_size / (out_size * input_size)) - 0.5
+    g = g.clamp_(0.0, grid_size - 1.0)
+    i0 = g.floor().to(torch.int64)
+    i1 = (i0 + 1).clamp_(max=grid_size - 1)
+    return i0.to(device), i1.to(device), (g - i0).to(device)
+
+
+def resample_masks_to_image(probs: torch.Tensor, letterbox: Letterbox, threshold: float) -> torch.Tensor:
+    """``resample_to_image(probs, letterbox) > threshold`` without computing most pixels.
+
+    A bilinear value is a convex combination of the four grid values around it, so wherever all four exceed
+    the threshold the pixel is in the mask, and wherever none does it is not; only pixels between grid cells
+    whose corners straddle the threshold (mask borders, a few percent of the image) are interpolated, in
+    float64. The answer is the exact-arithmetic one: it can differ from the float32 ``grid_sample`` only where
+    the interpolated value is within rounding error (~1e-7) of the threshold.
+
+    Args:
+        probs: ``(N, h', w')`` floating maps (probabilities) on any device.
+        letterbox: the image's letterbox.
+        threshold: pixels with a resampled value strictly greater are ``True``.
+
+    Returns:
+        ``(N, H, W)`` bool on the maps' device.
+    """
+    if probs.ndim != 3 or not probs.is_floating_point():
+        raise ValueError(f"probs must be an (N, h', w') floating tensor, got shape {tuple(probs.shape)} "
+                         f"{probs.dtype}")
+    n, gh, gw = probs.shape
+    h, w = letterbox.image_hw
+    if n == 0 or gh == 0 or gw == 0:
+        return torch.zeros(n, h, w, dtype=torch.bool, device=probs.device)
+    rh, rw = letterbox.resized_hw
+    s = letterbox.input_size
+    y0, y1, wy = _axis_sampling(h, rh, gh, s, probs.device)
+    x0, x1, wx = _axis_sampling(w, rw, gw, s, probs.device)
+
+    # Cell (i, j) spans grid rows i..i+1 and columns j..j+1 (the last row/column replicated): its min and max.
+    right = torch.cat([probs[:, :, 1:], probs[:, :, -1:]], dim=2)
+    row_max, row_min = torch.maximum(probs, right), torch.minimum(probs, right)
+    cell_max = torch.maximum(row_max, torch.cat([row_max[:, 1:], row_max[:, -1:]], dim=1))
+    cell_min = torch.minimum(row_min, torch.cat([row_min[:, 1:], row_min[:, -1:]], dim=1))
+    # 1: every pixel of the cell is in; 2: pixels must be interpolated; 0: out.
+    state = (cell_min > threshold).to(torch.uint8) + 2 * ((cell_max > threshold) & (cell_min <= threshold))
+    # Expand cells to output columns first (small), then to output rows: whole contiguous rows get copied.
+    col_state = state.index_select(2, x0)  # (N, h', W)
+    out = (col_state == 1).index_select(1, y0)  # (N, H, W)
+    k, cell_row, xx = torch.nonzero(col_state == 2, as_tuple=True)  # mixed (map, grid row, output column)
+    if k.numel():
+        # Interpolate along x once per (map, grid row pair, column), then along y per output pixel.
+        grid = probs.to(torch.float64)
+        next_row = (cell_row + 1).clamp_(max=gh - 1)
+        cx0, cx1, ax = x0[xx], x1[xx], wx[xx]
+        top = torch.lerp(grid[k, cell_row, cx0], grid[k, cell_row, cx1], ax)
+        bottom = torch.lerp(grid[k, next_row, cx0], grid[k, next_row, cx1], ax)
+        # y0 is non-decreasing: the output rows of grid row i are [row_start[i], row_start[i + 1]).
+        row_start = torch.searchsorted(y0, torch.arange(gh + 1, device=probs.device))
+        first, count = row_start[cell_row], row_start[cell_row + 1] - row_start[cell_row]
+        entry = torch.repeat_interleave(torch.arange(k.numel(), device=probs.device), count)
+        yy = first[entry] + torch.arange(entry.numel(), device=probs.device) - (torch.cumsum(count, 0) - count)[entry]
+        inside = torch.lerp(top[entry], bottom[entry], wy[yy]) > threshold
+        out.view(-1)[(k[entry] * h + yy) * w + xx[entry]] = inside
+    return out
+
+
 def valid_grid_hw(letterbox: Letterbox, grid_hw: Sequence[int]) -> tuple[int, int]:
     """``(vh, vw)``: how many rows/columns of an ``h' x w'`` output grid cover any part of the valid region.
 
@@ -204,4 +276,5 @@ def valid_grid_hw(letterbox: Letterbox, grid_hw: Sequence[int]) -> tuple[int, in
     return min(max(vh, 1), gh), min(max(vw, 1), gw)
 
 
-__all__ = ["Letterbox", "letterbox_for", "preprocess_image", "resample_to_image", "valid_grid_hw"]
+__all__ = ["Letterbox", "letterbox_for", "preprocess_image", "resample_to_image", "resample_masks_to_image",
+           "valid_grid_hw"]

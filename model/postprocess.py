@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from model.config import InferenceParams
-from model.geometry import Letterbox, resample_to_image, valid_grid_hw
-from model.nms import mask_nms
+from model.geometry import Letterbox, resample_masks_to_image, resample_to_image, valid_grid_hw
+from model.nms import mask_areas, mask_nms
 from model.rle import encode_masks, masks_to_boxes_xywh
 
 # Bound on the elements of any full-resolution float intermediate (~64 MiB in float32).
@@ -149,21 +149,20 @@ def instance_candidates(
 
 @torch.no_grad()
 def full_resolution_masks(mask_probs: torch.Tensor, letterbox: Letterbox, threshold: float) -> torch.Tensor:
-    """Binary masks at the original size: resample the probabilities (one bilinear sampling), then ``> threshold``.
+    """Binary masks at the original size: the probabilities resampled (one bilinear sampling) ``> threshold``.
 
     Args:
         mask_probs: ``(K, h', w')`` probabilities; letterbox: the image's letterbox.
 
     Returns:
-        ``(K, H, W)`` bool on the inputs' device. Float intermediates are bounded by chunking over masks.
+        ``(K, H, W)`` bool on the inputs' device; intermediates are bounded by chunking over masks.
     """
     h, w = letterbox.image_hw
     k = mask_probs.shape[0]
     out = torch.empty(k, h, w, dtype=torch.bool, device=mask_probs.device)
     step = max(1, _CHUNK_ELEMENTS // (h * w))
-    probs = mask_probs.float()
     for i in range(0, k, step):
-        out[i:i + step] = resample_to_image(probs[i:i + step], letterbox) > threshold
+        out[i:i + step] = resample_masks_to_image(mask_probs[i:i + step], letterbox, threshold)
     return out
 
 
@@ -207,7 +206,7 @@ def postprocess(
     valid = valid_grid_hw(letterbox, mask_probs.shape[1:])
     keep_idx, scores, labels = instance_candidates(mask_probs, semantic_features, text_embeddings, params, valid)
     masks = full_resolution_masks(mask_probs[keep_idx], letterbox, params.mask_threshold)
-    areas = masks.sum(dim=(1, 2))
+    areas = mask_areas(masks)
     nonempty = torch.nonzero(areas > 0).flatten()
     masks, scores, labels, areas = masks[nonempty], scores[nonempty], labels[nonempty], areas[nonempty]
 

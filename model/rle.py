@@ -75,8 +75,9 @@ def masks_to_boxes_xywh(masks: torch.Tensor) -> torch.Tensor:
     n, h, w = masks.shape
     if n == 0 or h == 0 or w == 0:
         return torch.zeros(n, 4, dtype=torch.float32, device=masks.device)
-    rows = masks.any(dim=2).to(torch.uint8)  # (N, H)
-    cols = masks.any(dim=1).to(torch.uint8)  # (N, W)
+    as_bytes = masks.view(torch.uint8)  # amax over bytes is far faster on CPU than any() over bools
+    rows = as_bytes.amax(dim=2)  # (N, H), 1 where the row is occupied
+    cols = as_bytes.amax(dim=1)  # (N, W)
     # argmax returns the first maximal index: the first occupied row/column, and from the flipped end the last.
     y0 = rows.argmax(dim=1)
     y1 = h - 1 - rows.flip(1).argmax(dim=1)

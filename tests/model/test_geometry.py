@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.geometry import Letterbox, letterbox_for, preprocess_image, resample_to_image, valid_grid_hw
+from model.geometry import (
+    Letterbox,
+    letterbox_for,
+    preprocess_image,
+    resample_masks_to_image,
+    resample_to_image,
+    valid_grid_hw,
+)
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -139,6 +146,22 @@ def test_resample_rejects_bad_maps():
         resample_to_image(torch.zeros(1, 4, 4, dtype=torch.bool), box)
     with pytest.raises(ValueError, match="shape"):
         resample_to_image(torch.zeros(4, 4), box)
+
+
+@pytest.mark.parametrize(("image_hw", "size", "grid"), [((30, 50), 64, 16), ((64, 64), 64, 16), ((7, 300), 96, 12),
+                                                         ((480, 640), 640, 80)])
+def test_resample_masks_equals_thresholded_resample(image_hw, size, grid):
+    g = torch.Generator().manual_seed(sum(image_hw))
+    smooth = torch.nn.functional.interpolate(torch.rand(6, 1, 4, 4, generator=g), size=(grid, grid), mode="bilinear")
+    probs = torch.cat([smooth[:, 0], torch.rand(3, grid, grid, generator=g), torch.full((1, grid, grid), 0.7)])
+    box = letterbox_for(image_hw, size)
+    masks = resample_masks_to_image(probs, box, 0.5)
+    assert masks.dtype == torch.bool and masks.shape == (10, *image_hw)
+    expected = resample_to_image(probs.double(), box) > 0.5
+    assert torch.equal(masks, expected)
+    assert masks[-1].all()
+    assert 0 < masks[:6].float().mean() < 1  # the smooth maps straddle the threshold
+    assert resample_masks_to_image(torch.zeros(0, grid, grid), box, 0.5).shape == (0, *image_hw)
 
 
 def test_valid_grid_hw():

@@ -1,9 +1,11 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 
 import model.nms as nms
-from model.nms import greedy_mask_nms_loop, mask_iou_matrix, mask_nms
+from model.nms import greedy_mask_nms_loop, mask_areas, mask_iou_matrix, mask_nms
 
 
 def _numpy_iou(masks: np.ndarray) -> np.ndarray:
@@ -61,6 +63,15 @@ def test_mask_iou_matrix_chunked_accumulation_is_exact(monkeypatch):
     np.testing.assert_array_equal(mask_iou_matrix(torch.from_numpy(masks)).numpy(), _numpy_iou(masks))
 
 
+@pytest.mark.parametrize("shape", [(3, 17, 19), (2, 255), (4, 600), (1, 1), (0, 5, 5), (3, 0)])
+def test_mask_areas_counts_exactly(shape):
+    masks = torch.rand(shape) < 0.7
+    if masks.numel():
+        masks[0] = True  # full rows: block counts reach 255
+    assert torch.equal(mask_areas(masks), masks.reshape(shape[0], math.prod(shape[1:])).sum(dim=1))
+    assert mask_areas(masks).dtype == torch.int64
+
+
 def test_mask_iou_matrix_rejects_non_bool():
     with pytest.raises(ValueError, match="bool"):
         mask_iou_matrix(torch.zeros(2, 3, 3))
@@ -81,9 +92,11 @@ def test_mask_nms_equals_reference_loop_on_random_cases(one_thread):
     for _ in range(1000):
         masks, scores, labels = _random_case(rng)
         expected = greedy_mask_nms_loop(masks, scores, labels, 0.3, 0.001)
-        got = mask_nms(torch.from_numpy(masks), torch.from_numpy(scores), torch.from_numpy(labels), 0.3, 0.001)
-        assert got.dtype == torch.int64
-        np.testing.assert_array_equal(got.numpy(), expected)
+        args = torch.from_numpy(masks), torch.from_numpy(scores), torch.from_numpy(labels), 0.3, 0.001
+        for strategy in ("matrix", "greedy"):
+            got = mask_nms(*args, strategy=strategy)
+            assert got.dtype == torch.int64
+            np.testing.assert_array_equal(got.numpy(), expected)
         if len(masks) > 1:
             iou = _numpy_iou(masks)[np.triu_indices(len(masks), 1)]
             near_threshold += int(((iou > 0.2) & (iou < 0.4)).sum())
@@ -91,6 +104,14 @@ def test_mask_nms_equals_reference_loop_on_random_cases(one_thread):
             floored += int((scores <= 0.001).sum() > 1)
     # The cases must actually exercise the decisions being compared.
     assert near_threshold > 1000 and suppressed > 300 and floored > 100
+
+
+@pytest.mark.parametrize("strategy", ["matrix", "greedy"])
+def test_mask_nms_accepts_flat_masks(strategy):
+    masks = torch.zeros(3, 12, dtype=torch.bool)
+    masks[0, :6] = masks[1, 1:7] = masks[2, 6:] = True
+    result = mask_nms(masks, torch.tensor([0.9, 0.8, 0.7]), torch.tensor([1, 1, 1]), strategy=strategy)
+    assert result.tolist() == [0, 2]
 
 
 def test_mask_nms_keeps_best_and_suppresses_same_label_only():
@@ -143,5 +164,7 @@ def test_mask_nms_empty_and_bad_input():
         mask_nms(masks, torch.ones(3), torch.ones(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="integer"):
         mask_nms(masks, torch.ones(2), torch.ones(2))
+    with pytest.raises(ValueError, match="strategy"):
+        mask_nms(masks, torch.ones(2), torch.ones(2, dtype=torch.int64), strategy="fast")
     with pytest.raises(ValueError, match="finite"):
         mask_nms(masks, torch.tensor([0.5, float("nan")]), torch.ones(2, dtype=torch.int64))
