@@ -30,14 +30,21 @@ DONE = "DONE"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
 
 
+_PSEUDO_MASK_KEYS = {"extractors", "dino_weights", "moco_weights", "ks", "max_tokens", "max_mask_side", "n_init",
+                     "seed", "shard_size"}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the training images and their masks come from (the ``data`` section of a training config).
 
     Images: build the stages (``index_dirs`` searched recursively, embedded with ``retrieval_clip_weights``), or
     give ``retrieval_file``, a finished ``{concept: [image paths]}`` JSON (the authors ship theirs). Masks:
-    ``pseudo_mask_dir`` (finished), else generated with ``pseudo_mask_params``; or ``ground_truth``
+    ``pseudo_mask_dir`` (finished), else generated with ``pseudo_masks`` (``extractors``: names from
+    ``model.pseudo_mask.EXTRACTOR_NAMES``, default ``["colour"]``; ``dino_weights`` / ``moco_weights`` files; other
+    keys go to ``generate_pseudo_masks``; the "clip" extractor uses the retrieval CLIP); or ``ground_truth``
     (``{"annotations": COCO instances JSON, "image_dir": folder}``) in place of pseudo-masks (the "oracle").
+    Retrieved images without a mask (a pseudo-mask failed, or absent from the ground truth) are left out.
     """
 
     index_dirs: tuple[str, ...] = ()
@@ -47,13 +54,16 @@ class DataConfig:
     retrieval_templates: bool = True  # the 85 DenseCLIP templates (reference §5.1); False: raw names
     retrieval_file: str | None = None
     pseudo_mask_dir: str | None = None
-    pseudo_mask_params: dict[str, Any] = field(default_factory=dict)
+    pseudo_masks: dict[str, Any] = field(default_factory=dict)
     ground_truth: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "index_dirs", tuple(str(d) for d in self.index_dirs))
         if self.ground_truth is not None and set(self.ground_truth) != {"annotations", "image_dir"}:
             raise ValueError("data.ground_truth needs exactly the keys 'annotations' and 'image_dir'")
+        unknown = set(self.pseudo_masks) - _PSEUDO_MASK_KEYS
+        if unknown:
+            raise ValueError(f"unknown key(s) in data.pseudo_masks: {sorted(unknown)}; known: {sorted(_PSEUDO_MASK_KEYS)}")
         if self.retrieval_n < 1:
             raise ValueError(f"data.retrieval_n must be positive, got {self.retrieval_n}")
 
@@ -83,6 +93,20 @@ def validate_data_inputs(data: DataConfig, clip_weights: str) -> None:
         dirs.append(("data.ground_truth.image_dir", data.ground_truth["image_dir"]))
     elif data.pseudo_mask_dir:
         dirs.append(("data.pseudo_mask_dir", data.pseudo_mask_dir))
+    else:
+        from model.pseudo_mask import EXTRACTOR_NAMES
+
+        names = data.pseudo_masks.get("extractors", ["colour"])
+        bad = [n for n in names if n not in EXTRACTOR_NAMES]
+        if bad or not names:
+            raise ValueError(f"data.pseudo_masks.extractors {names}: choose from {', '.join(EXTRACTOR_NAMES)}")
+        for name in ("dino", "moco"):
+            if name in names:
+                if not data.pseudo_masks.get(f"{name}_weights"):
+                    raise ValueError(f"the {name} extractor needs data.pseudo_masks.{name}_weights")
+                files.append((f"data.pseudo_masks.{name}_weights", data.pseudo_masks[f"{name}_weights"]))
+        if "clip" in names and data.retrieval_file and not data.retrieval_clip_weights:
+            files.append(("clip_weights (for the clip extractor)", clip_weights))
     for what, p in files:
         if not Path(p).is_file():
             raise FileNotFoundError(f"{what}: file not found: {p}")
@@ -114,9 +138,6 @@ def prepare_training_data(data: DataConfig, vocabulary: Sequence[str], clip_weig
     if not isinstance(raw, dict):
         raise ValueError("the retrieval JSON must map each concept to a list of image paths")
     retrieval = {c: [str(p) for p in raw.get(c, [])] for c in vocabulary}
-    empty = [c for c, paths in retrieval.items() if not paths]
-    if empty:
-        log(f"warning: {len(empty)} concept(s) have no retrieved images, e.g. {empty[:3]}")
     if data.ground_truth:
         annotations = copy_paste.annotations_from_coco(data.ground_truth["annotations"],
                                                        data.ground_truth["image_dir"], vocabulary)
@@ -126,30 +147,32 @@ def prepare_training_data(data: DataConfig, vocabulary: Sequence[str], clip_weig
         from model.pseudo_mask import load_pseudo_masks
 
         mask_dir = Path(data.pseudo_mask_dir) if data.pseudo_mask_dir else \
-            _pseudo_mask_stage(data, retrieval, cache_dir, device, is_main, log)
+            _pseudo_mask_stage(data, retrieval, clip_weights, model_config, cache_dir, device, is_main, log)
         annotations = copy_paste.annotations_from_pseudo_masks(load_pseudo_masks(mask_dir))
         provenance["masks"] = {"pseudo_mask_dir": str(mask_dir)}
+    missing = sorted({p for paths in retrieval.values() for p in paths if p not in annotations})
+    if missing:
+        log(f"warning: {len(missing)} retrieved image(s) have no mask and are left out, e.g. {missing[0]}")
+        retrieval = {c: [p for p in paths if p in annotations] for c, paths in retrieval.items()}
+    empty = [c for c, paths in retrieval.items() if not paths]
+    if empty:
+        log(f"warning: {len(empty)} concept(s) have no training images, e.g. {empty[:3]}")
     provenance["images"] = len({p for paths in retrieval.values() for p in paths})
+    provenance["images_without_mask"] = len(missing)
     return TrainingData(retrieval, annotations, provenance)
 
 
 def _retrieval_stages(data: DataConfig, vocabulary: Sequence[str], clip_weights: str, model_config: ModelConfig,
                       cache_dir: Path, device: torch.device, is_main: bool, log: Callable[[str], None]) -> Path:
     """index -> retrieval, each cached by content key; returns the retrieval stage directory."""
-    weights = data.retrieval_clip_weights or clip_weights
-    arch = data.retrieval_clip_model if data.retrieval_clip_weights else model_config.to_dict()
+    weights, arch = _retrieval_clip(data, clip_weights, model_config)
     index_inputs = {"image_dirs": {d: folder_fingerprint(d) for d in data.index_dirs},
                     "clip_weights": file_digest(weights), "clip_model": arch}
     retrieval_inputs = {"index": stage_key(index_inputs), "concepts": list(vocabulary), "n": data.retrieval_n,
                         "templates": data.retrieval_templates}
 
     def clip() -> Any:
-        from model.clip_weights import load_clip
-
-        towers = load_clip(weights, ModelConfig.from_dict(arch) if arch else None)
-        towers.visual.to(device)
-        towers.text.to(device)
-        return towers
+        return _load_clip(weights, arch, device)
 
     def build_index(out: Path) -> None:
         from model.index import build_index as build
@@ -160,7 +183,7 @@ def _retrieval_stages(data: DataConfig, vocabulary: Sequence[str], clip_weights:
         from model.prompts import PROMPT_TEMPLATES
         from model.retrieve import retrieve
 
-        templates = list(PROMPT_TEMPLATES) if data.retrieval_templates else None
+        templates = list(PROMPT_TEMPLATES) if data.retrieval_templates else ["{}"]
         result = retrieve(index_dir, list(vocabulary), clip(), n=data.retrieval_n, templates=templates)
         (out / "retrieval.json").write_text(json.dumps(result))
 
@@ -168,17 +191,42 @@ def _retrieval_stages(data: DataConfig, vocabulary: Sequence[str], clip_weights:
     return _stage(cache_dir, "retrieval", retrieval_inputs, build_retrieval, is_main, log)
 
 
-def _pseudo_mask_stage(data: DataConfig, retrieval: dict[str, list[str]], cache_dir: Path, device: torch.device,
-                       is_main: bool, log: Callable[[str], None]) -> Path:
+def _pseudo_mask_stage(data: DataConfig, retrieval: dict[str, list[str]], clip_weights: str,
+                       model_config: ModelConfig, cache_dir: Path, device: torch.device, is_main: bool,
+                       log: Callable[[str], None]) -> Path:
     paths = sorted({p for ps in retrieval.values() for p in ps})
-    inputs = {"images": stage_key({"paths": paths}), "params": data.pseudo_mask_params}
+    options = dict(data.pseudo_masks)
+    names = list(options.pop("extractors", ["colour"]))
+    weights = {k: options.pop(k, None) for k in ("dino_weights", "moco_weights")}
+    clip_file, clip_arch = _retrieval_clip(data, clip_weights, model_config)
+    inputs = {"images": stage_key({"paths": paths}), "extractors": names, "options": options,
+              **{k: file_digest(v) for k, v in weights.items() if v},
+              **({"clip_weights": file_digest(clip_file), "clip_model": clip_arch} if "clip" in names else {})}
 
     def build(out: Path) -> None:
-        from model.pseudo_mask import generate_pseudo_masks
+        from model.pseudo_mask import build_extractors, generate_pseudo_masks
 
-        generate_pseudo_masks(paths, out_dir=out, device=str(device), **data.pseudo_mask_params)
+        visual = _load_clip(clip_file, clip_arch, device).visual if "clip" in names else None
+        extractors = build_extractors(names, clip_visual=visual, device=device, **weights)
+        generate_pseudo_masks(paths, extractors, out, **options)
 
     return _stage(cache_dir, "pseudo_masks", inputs, build, is_main, log)
+
+
+def _retrieval_clip(data: DataConfig, clip_weights: str, model_config: ModelConfig) -> tuple[str, dict | None]:
+    """The CLIP file used for retrieval (and the clip pseudo-mask extractor) and its architecture dict."""
+    if data.retrieval_clip_weights:
+        return data.retrieval_clip_weights, data.retrieval_clip_model
+    return clip_weights, model_config.to_dict()
+
+
+def _load_clip(path: str, arch: dict[str, Any] | None, device: torch.device) -> Any:
+    from model.clip_weights import load_clip
+
+    towers = load_clip(path, ModelConfig.from_dict(arch) if arch else None)
+    towers.visual.to(device)
+    towers.text.to(device)
+    return towers
 
 
 def _stage(cache_dir: Path, name: str, inputs: dict[str, Any], build: Callable[[Path], None], is_main: bool,

@@ -1,0 +1,110 @@
+"""Data stages: content-keyed caching, atomic completion, input validation, and the chain on a tiny index."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.config import tiny_test_config
+from model.stages import (DataConfig, file_digest, folder_fingerprint, prepare_training_data, run_stage, stage_dir,
+                          validate_data_inputs)
+
+
+def test_run_stage_builds_once_per_content_key(tmp_path):
+    calls = []
+
+    def build(out: Path) -> None:
+        calls.append(out)
+        (out / "result.txt").write_text("x")
+
+    a = run_stage(tmp_path, "s", {"n": 1}, build, log=lambda m: None)
+    again = run_stage(tmp_path, "s", {"n": 1}, build, log=lambda m: None)
+    other = run_stage(tmp_path, "s", {"n": 2}, build, log=lambda m: None)
+    assert a == again != other and len(calls) == 2
+    assert (a / "result.txt").read_text() == "x" and json.loads((a / "inputs.json").read_text()) == {"n": 1}
+    assert a == stage_dir(tmp_path, "s", {"n": 1})
+
+
+def test_interrupted_stage_is_never_taken_as_finished(tmp_path):
+    def crash(out: Path) -> None:
+        (out / "partial.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path, "s", {"n": 1}, crash, log=lambda m: None)
+    assert not stage_dir(tmp_path, "s", {"n": 1}).exists()
+    done = run_stage(tmp_path, "s", {"n": 1}, lambda out: (out / "ok").write_text("1"), log=lambda m: None)
+    assert (done / "ok").exists() and not (done / "partial.txt").exists()
+
+
+def test_fingerprints_follow_content_and_listing(tmp_path):
+    (tmp_path / "d").mkdir()
+    f = tmp_path / "d" / "a.png"
+    f.write_bytes(b"1")
+    digest, listing = file_digest(f), folder_fingerprint(tmp_path / "d")
+    f.write_bytes(b"22")
+    assert file_digest(f) != digest and folder_fingerprint(tmp_path / "d") != listing
+    (tmp_path / "d" / "notes.txt").write_text("not an image")
+    assert folder_fingerprint(tmp_path / "d") == folder_fingerprint(tmp_path / "d")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        folder_fingerprint(tmp_path / "nope")
+
+
+def test_validate_data_inputs_names_what_is_missing(tmp_path):
+    clip = tmp_path / "clip.safetensors"
+    clip.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="/no/images"):
+        validate_data_inputs(DataConfig(index_dirs=("/no/images",)), str(clip))
+    with pytest.raises(ValueError, match="retrieval_file or data.index_dirs"):
+        validate_data_inputs(DataConfig(), str(clip))
+    with pytest.raises(ValueError, match="dino_weights"):
+        validate_data_inputs(DataConfig(index_dirs=(str(tmp_path),), pseudo_masks={"extractors": ["dino"]}), str(clip))
+    with pytest.raises(FileNotFoundError, match="/no/dino.pth"):
+        validate_data_inputs(DataConfig(index_dirs=(str(tmp_path),), pseudo_masks={"extractors": ["dino"],
+                                                                                   "dino_weights": "/no/dino.pth"}),
+                             str(clip))
+    with pytest.raises(ValueError, match="extractor"):
+        DataConfig(pseudo_masks={"extractor": ["colour"]})
+
+
+@pytest.mark.slow
+def test_index_and_retrieval_stages_are_cached_and_keyed(tmp_path):
+    from model.backbone import build_text_tower, build_vision_tower
+    from model.clip_weights import ClipTowers, save_clip
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    cfg = tiny_test_config()
+    torch.manual_seed(0)
+    clip = tmp_path / "clip.safetensors"
+    save_clip(clip, ClipTowers(cfg, build_vision_tower(cfg), build_text_tower(cfg)))
+    gt = {"images": [{"id": i, "file_name": f"{i}.png", "height": 40, "width": 50} for i in range(2)],
+          "categories": [{"id": 1, "name": "cat"}], "annotations": [
+              {"id": 1, "image_id": 0, "category_id": 1, "segmentation": [[1.0, 1.0, 20.0, 1.0, 20.0, 20.0]]}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    data = DataConfig(index_dirs=(str(images),), retrieval_n=2, retrieval_templates=False,
+                      ground_truth={"annotations": str(tmp_path / "gt.json"), "image_dir": str(images)})
+    logs: list[str] = []
+    args = (["cat", "dog"], str(clip), cfg, tmp_path / "cache", torch.device("cpu"))
+    first = prepare_training_data(data, *args, log=logs.append)
+    raw = json.loads((Path(first.provenance["retrieval_stage"]) / "retrieval.json").read_text())
+    assert [len(v) for v in raw.values()] == [2, 2]
+    annotated = {str(images / "0.png"), str(images / "1.png")}  # images 2-4 have no ground truth: left out
+    assert first.retrieval == {c: [p for p in raw[c] if p in annotated] for c in ("cat", "dog")}
+    assert first.provenance["images_without_mask"] == len({p for v in raw.values() for p in v} - annotated)
+    assert any("building" in m and "index-" in m for m in logs)
+    logs.clear()
+    second = prepare_training_data(data, *args, log=logs.append)
+    assert second.retrieval == first.retrieval
+    assert sum("cached" in m for m in logs) == 2 and not any("building" in m for m in logs)
+    logs.clear()
+    prepare_training_data(DataConfig(**{**data.__dict__, "retrieval_n": 3}), *args, log=logs.append)
+    assert any("index" in m and "cached" in m for m in logs) and any("retrieval" in m and "building" in m for m in logs)
