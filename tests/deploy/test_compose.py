@@ -56,6 +56,12 @@ def container_mount(spec: dict, target: str) -> dict:
     raise AssertionError(f"nothing mounted at {target}; volumes: {spec.get('volumes')}")
 
 
+def default_drain_timeout_s() -> float:
+    from service.settings import Settings
+
+    return float(Settings.model_fields["drain_timeout_s"].default)
+
+
 def dashboard_queries() -> list[str]:
     dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
     return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
@@ -87,8 +93,9 @@ def test_compose_service_restarts_and_stops_gracefully(path):
     for name, service in zutis_services(load_yaml(path)).items():
         assert service["restart"] == "unless-stopped", name
         assert service["stop_signal"] == "SIGTERM", name
-        # The service drains queued and in-flight requests on SIGTERM; SIGKILL must not come before that.
-        assert seconds(service["stop_grace_period"]) >= 30, name
+        # The service drains accepted requests on SIGTERM; SIGKILL must not come before that.
+        drain = float(service["environment"].get("ZUTIS_DRAIN_TIMEOUT_S") or default_drain_timeout_s())
+        assert seconds(service["stop_grace_period"]) > drain, name
         assert service["init"] is True, name
 
 
@@ -116,7 +123,8 @@ def test_compose_prometheus_and_grafana_mount_the_deploy_configs(path):
     grafana = compose["services"]["grafana"]
     provisioning = container_mount(grafana, "/etc/grafana/provisioning")
     assert (path.parent / provisioning["source"]).resolve() == GRAFANA / "provisioning"
-    provider_path = load_yaml(GRAFANA / "provisioning" / "dashboards" / "dashboards.yml")["providers"][0]["options"]["path"]
+    (provider,) = load_yaml(GRAFANA / "provisioning" / "dashboards" / "dashboards.yml")["providers"]
+    provider_path = provider["options"]["path"]
     dashboards = container_mount(grafana, provider_path)
     assert (path.parent / dashboards["source"]).resolve() == DASHBOARD.parent
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
@@ -242,7 +250,8 @@ def test_dashboard_has_the_operational_panels():
     flat = [re.sub(r"\s+", "", q) for q in queries]
     for quantile in ("0.5", "0.95", "0.99"):
         assert any(
-            q.startswith(f"histogram_quantile({quantile},") and "zutis_request_duration_seconds_bucket" in q for q in flat
+            q.startswith(f"histogram_quantile({quantile},") and "zutis_request_duration_seconds_bucket" in q
+            for q in flat
         ), f"no p{quantile} latency panel"
     assert any(re.search(r"rate\(zutis_requests_total\[", q) for q in flat), "no throughput panel"
     assert any("zutis_batch_size" in q for q in flat), "no batch size panel"
@@ -292,7 +301,7 @@ def test_compose_files_are_valid_compose(compose_command, path):
     services = json.loads(result.stdout)["services"]
     for name in zutis_services(load_yaml(path)):
         assert services[name]["environment"]["ZUTIS_CHECKPOINT"] == DEFAULT_CHECKPOINT
-        assert services[name]["stop_grace_period"] == "30s"
+        assert services[name]["stop_grace_period"] == "40s"
 
 
 def test_compose_checkpoint_follows_the_environment(compose_command):

@@ -77,7 +77,9 @@ def test_dockerfile_cmd_is_exec_form_python_module_service():
 def test_dockerfile_installs_dependencies_before_copying_code():
     pyproject = index_of(lambda i, a: i == "COPY" and copy_sources(a) == ["pyproject.toml"])
     install_deps = index_of(lambda i, a: i == "RUN" and "pip install" in a and "requirements" in a)
-    first_code = index_of(lambda i, a: i == "COPY" and any(s.rstrip("/") in {"model", "service"} for s in copy_sources(a)))
+    first_code = index_of(
+        lambda i, a: i == "COPY" and any(s.rstrip("/") in {"model", "service"} for s in copy_sources(a))
+    )
     assert pyproject < install_deps < first_code
 
 
@@ -102,6 +104,7 @@ def test_dockerfile_ships_weights_where_the_checkpoint_points():
     workdir = [a for i, a in instructions() if i == "WORKDIR"][-1]
     assert checkpoint == f"{workdir}/weights/zutis-shapes.safetensors"
     assert re.search(r"ZUTIS_PORT=8000\b", env) and ("EXPOSE", "8000") in instructions()
+    assert re.search(r"ZUTIS_HOST=0\.0\.0\.0\b", env), "the service's default host, loopback, is unreachable"
 
 
 def test_dockerignore_keeps_what_the_image_copies_and_drops_the_rest():
@@ -125,7 +128,8 @@ def test_dockerignore_keeps_what_the_image_copies_and_drops_the_rest():
             for source in copy_sources(arguments):
                 path = re.sub(r"\[(.)\]", r"\1", source).rstrip("/")  # weight[s], a pattern, names weights
                 assert not excluded(path), f"{source} is COPYed but .dockerignore excludes it"
-    for path in (".venv", ".git", "tests", "runs", "data", "model/__pycache__", "service/__pycache__/app.cpython-311.pyc"):
+    compiled = "service/__pycache__/app.cpython-311.pyc"
+    for path in (".venv", ".git", "tests", "runs", "data", "model/__pycache__", compiled):
         assert excluded(path), f"{path} would be sent to the Docker daemon"
 
 
