@@ -65,13 +65,18 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """A COCO-format eval set: ``annotations`` (instances JSON), ``image_dir``, optional ``label_dir`` (semantic
-    PNGs). Metrics go into the exported checkpoint's metadata."""
+    """An eval set for the exported model, whose metrics go into its metadata: a COCO instances JSON
+    (``annotations``) with ``image_dir`` and optional semantic PNGs (``label_dir``), or, without ``annotations``,
+    an image folder + label-PNG folder whose class k is vocabulary concept k (``model.evaluate``)."""
 
-    annotations: str
     image_dir: str
+    annotations: str | None = None
     label_dir: str | None = None
     max_images: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.annotations is None and self.label_dir is None:
+            raise ValueError("eval needs 'annotations' (COCO JSON) or 'label_dir' (semantic label PNGs)")
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class TrainConfig:
     optim: OptimConfig
     eval: EvalConfig | None = None
     out_dir: str = "runs/zutis"
+    description: str = ""
     cache_dir: str | None = None  # stage outputs; default <out_dir>/stages
 
     @classmethod
@@ -107,7 +113,8 @@ class TrainConfig:
         return cls(model=model, clip_weights=d["clip_weights"], vocabulary=tuple(vocab), data=data,
                    synthesis=SynthesisParams.from_dict(synth), optim=_section(OptimConfig, d.get("optim", {}), "optim"),
                    eval=_section(EvalConfig, d["eval"], "eval") if d.get("eval") else None,
-                   out_dir=d.get("out_dir", cls.out_dir), cache_dir=d.get("cache_dir"))
+                   out_dir=d.get("out_dir", cls.out_dir), cache_dir=d.get("cache_dir"),
+                   description=d.get("description", ""))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -144,8 +151,9 @@ def validate_inputs(cfg: TrainConfig) -> None:
         raise FileNotFoundError(f"clip_weights: file not found: {cfg.clip_weights}")
     validate_data_inputs(cfg.data, cfg.clip_weights)
     if cfg.eval:
-        checks = [("eval.annotations", cfg.eval.annotations, Path.is_file), ("eval.image_dir", cfg.eval.image_dir,
-                  Path.is_dir)]
+        checks = [("eval.image_dir", cfg.eval.image_dir, Path.is_dir)]
+        if cfg.eval.annotations:
+            checks.append(("eval.annotations", cfg.eval.annotations, Path.is_file))
         if cfg.eval.label_dir:
             checks.append(("eval.label_dir", cfg.eval.label_dir, Path.is_dir))
         for what, p, exists in checks:
@@ -288,9 +296,11 @@ def export(path: Path, model: torch.nn.Module, text_tower: torch.nn.Module, cfg:
                                   vocabulary=["background", *cfg.vocabulary], provenance=provenance)
     save_checkpoint(path, model, text_tower, metadata)
     if cfg.eval is not None:
-        from model.evaluate import evaluate_checkpoint, load_coco_dataset
+        from model.evaluate import evaluate_checkpoint, load_coco_dataset, load_label_folder_dataset
 
-        dataset = load_coco_dataset(cfg.eval.annotations, cfg.eval.image_dir, cfg.eval.label_dir)
+        e = cfg.eval
+        dataset = load_coco_dataset(e.annotations, e.image_dir, e.label_dir) if e.annotations else \
+            load_label_folder_dataset(e.image_dir, e.label_dir, cfg.vocabulary)
         log(f"evaluating {path} on {len(dataset)} images")
         evaluation = evaluate_checkpoint(path, dataset, device=str(device), max_images=cfg.eval.max_images)
         metadata.provenance["metrics"] = evaluation.report
@@ -304,7 +314,7 @@ def export(path: Path, model: torch.nn.Module, text_tower: torch.nn.Module, cfg:
 # ---------------------------------------------------------------------------------------------------------------
 
 # Settings that may change between an interrupted run and its --resume without changing the result.
-_RESUME_MAY_CHANGE = ("out_dir", "cache_dir", "num_workers", "log_every", "checkpoint_every", "eval")
+_RESUME_MAY_CHANGE = ("out_dir", "cache_dir", "num_workers", "log_every", "checkpoint_every", "eval", "description")
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:

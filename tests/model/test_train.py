@@ -186,3 +186,19 @@ def _initial_encoder(world: Path) -> dict:
     from model.clip_weights import load_clip
 
     return load_clip(world / "clip.safetensors").visual.state_dict()
+
+
+@pytest.mark.parametrize("name,steps,ignore,classes", [("coco_vit_b_16", 20000, 255, 80),
+                                                       ("imagenet_s919_vit_b_16", 80000, 1000, 919)])
+def test_shipped_recipes_carry_the_reference_hyper_parameters(name, steps, ignore, classes):
+    from model.train import TrainConfig
+
+    cfg = TrainConfig.from_dict(json.loads((Path(__file__).parents[2] / "model" / "configs" / f"{name}.json").read_text()))
+    o, s = cfg.optim, cfg.synthesis
+    assert (o.steps, o.batch_size, o.lr, o.encoder_lr_mult, o.weight_decay, o.poly_power, o.min_lr) == \
+        (steps, 8, 5e-5, 0.1, 0.05, 0.9, 1e-6)
+    assert o.loss_weights == {"mask": 1.0, "ce": 1.0} and o.seed == 0
+    assert (s.crop_size, s.max_objects, s.scale_range, s.random_duplicate, s.ignore_index, s.blur_kernel) == \
+        (384, 10, (0.1, 1.0), True, ignore, 39)
+    assert len(cfg.vocabulary) == classes and cfg.data.retrieval_n == 500
+    assert cfg.model.num_queries == 100 and cfg.model.decoder_layers == 6 and cfg.model.input_size == 384
