@@ -124,6 +124,54 @@ def random_official_state_dict(width: int, layers: int, heads: int, patch: int, 
     return state
 
 
+def random_openai_clip_state_dict(embed_dim: int, vision_width: int, vision_layers: int, patch: int, grid: int,
+                                  text_width: int, text_layers: int, context_length: int, vocab_size: int = 49408,
+                                  seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """A random CLIP ViT state dict with the key names of OpenAI's released files (``visual.*`` for the image
+    tower; ``token_embedding``, ``positional_embedding``, ``transformer.*``, ``ln_final``, ``text_projection``,
+    ``logit_scale`` and the three integer entries at the top level for the text tower), stored in ``dtype``
+    (OpenAI's files are fp16)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * scale
+
+    def blocks(prefix: str, width: int, layers: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for i in range(layers):
+            for suffix, shape_fn in _BLOCK_SUFFIXES:
+                shape = shape_fn(width, None, None)
+                if "ln_" in suffix:
+                    t = 1.0 + 0.1 * randn(*shape) if suffix.endswith("weight") else 0.1 * randn(*shape)
+                elif suffix.endswith("weight"):
+                    t = randn(*shape, scale=shape[1] ** -0.5)
+                else:
+                    t = 0.05 * randn(*shape)
+                out[f"{prefix}resblocks.{i}.{suffix}"] = t
+        return out
+
+    vw, tw = vision_width, text_width
+    state = {
+        "visual.class_embedding": randn(vw, scale=vw ** -0.5),
+        "visual.positional_embedding": randn(grid * grid + 1, vw, scale=vw ** -0.5),
+        "visual.proj": randn(vw, embed_dim, scale=vw ** -0.5),
+        "visual.conv1.weight": randn(vw, 3, patch, patch, scale=(3 * patch * patch) ** -0.5),
+        "visual.ln_pre.weight": 1.0 + 0.1 * randn(vw), "visual.ln_pre.bias": 0.1 * randn(vw),
+        **blocks("visual.transformer.", vw, vision_layers),
+        "visual.ln_post.weight": 1.0 + 0.1 * randn(vw), "visual.ln_post.bias": 0.1 * randn(vw),
+        "positional_embedding": randn(context_length, tw, scale=0.1),
+        "text_projection": randn(tw, embed_dim, scale=tw ** -0.5),
+        "logit_scale": torch.tensor(math.log(1 / 0.07)),
+        "token_embedding.weight": randn(vocab_size, tw, scale=0.5),
+        **blocks("transformer.", tw, text_layers),
+        "ln_final.weight": 1.0 + 0.1 * randn(tw), "ln_final.bias": 0.1 * randn(tw),
+    }
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    state.update({"input_resolution": torch.tensor(grid * patch), "context_length": torch.tensor(context_length),
+                  "vocab_size": torch.tensor(vocab_size)})
+    return state
+
+
 def count_parameters(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() for t in state.values())
 
