@@ -154,8 +154,8 @@ def _write_atomic(path: Path, write: Any) -> None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file and a rename (never a half-written file)."""
-    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
+    """Write ``obj`` as JSON to ``path`` (key order kept) via a temporary file and a rename (never half-written)."""
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 # -- building --------------------------------------------------------------------------------------------------
