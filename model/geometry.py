@@ -236,26 +236,33 @@ def resample_masks_to_image(probs: torch.Tensor, letterbox: Letterbox, threshold
     row_max, row_min = torch.maximum(probs, right), torch.minimum(probs, right)
     cell_max = torch.maximum(row_max, torch.cat([row_max[:, 1:], row_max[:, -1:]], dim=1))
     cell_min = torch.minimum(row_min, torch.cat([row_min[:, 1:], row_min[:, -1:]], dim=1))
-    # 1: every pixel of the cell is in; 2: pixels must be interpolated; 0: out.
+    # y0 is non-decreasing: the output rows of grid row i are [row_start[i], row_start[i] + row_count[i]).
+    row_start = torch.searchsorted(y0, torch.arange(gh + 1, device=probs.device))
+    row_count = row_start[1:] - row_start[:-1]
+    row_start = row_start[:-1]
+    # 1: every pixel of the cell is in; 2: pixels must be interpolated; 0: out (or no output row samples it).
     state = (cell_min > threshold).to(torch.uint8) + 2 * ((cell_max > threshold) & (cell_min <= threshold))
+    state *= (row_count > 0).to(torch.uint8).view(1, gh, 1)
     # Expand cells to output columns first (small), then to output rows: whole contiguous rows get copied.
     col_state = state.index_select(2, x0)  # (N, h', W)
     out = (col_state == 1).index_select(1, y0)  # (N, H, W)
-    k, cell_row, xx = torch.nonzero(col_state == 2, as_tuple=True)  # mixed (map, grid row, output column)
-    if k.numel():
-        # Interpolate along x once per (map, grid row pair, column), then along y per output pixel.
-        grid = probs.to(torch.float64)
-        next_row = (cell_row + 1).clamp_(max=gh - 1)
-        cx0, cx1, ax = x0[xx], x1[xx], wx[xx]
-        top = torch.lerp(grid[k, cell_row, cx0], grid[k, cell_row, cx1], ax)
-        bottom = torch.lerp(grid[k, next_row, cx0], grid[k, next_row, cx1], ax)
-        # y0 is non-decreasing: the output rows of grid row i are [row_start[i], row_start[i + 1]).
-        row_start = torch.searchsorted(y0, torch.arange(gh + 1, device=probs.device))
-        first, count = row_start[cell_row], row_start[cell_row + 1] - row_start[cell_row]
-        entry = torch.repeat_interleave(torch.arange(k.numel(), device=probs.device), count)
-        yy = first[entry] + torch.arange(entry.numel(), device=probs.device) - (torch.cumsum(count, 0) - count)[entry]
-        inside = torch.lerp(top[entry], bottom[entry], wy[yy]) > threshold
-        out.view(-1)[(k[entry] * h + yy) * w + xx[entry]] = inside
+    mixed = torch.nonzero((col_state == 2).view(-1)).squeeze(1)  # flat (map, grid row, output column)
+    if mixed.numel():
+        k, cell_row, xx = mixed // (gh * w), (mixed // w) % gh, mixed % w
+        # Interpolate along x once per mixed (map, grid row, column) ...
+        flat_grid = probs.to(torch.float64).reshape(-1)
+        upper = k * (gh * gw) + cell_row * gw
+        lower = k * (gh * gw) + (cell_row + 1).clamp_(max=gh - 1) * gw
+        c0, c1, ax = x0[xx], x1[xx], wx[xx]
+        top = torch.lerp(flat_grid[upper + c0], flat_grid[upper + c1], ax)
+        bottom = torch.lerp(flat_grid[lower + c0], flat_grid[lower + c1], ax)
+        # ... then along y for each of its output rows, as an (M, max rows per cell) block; short cells repeat
+        # their last row, which writes the same value twice.
+        offsets = torch.arange(int(row_count.max()), device=probs.device)
+        rows_of = row_start[:, None] + torch.minimum(offsets[None, :], (row_count - 1).clamp(min=0)[:, None])
+        yy = rows_of[cell_row]  # (M, R)
+        inside = torch.lerp(top[:, None], bottom[:, None], wy[yy]) > threshold
+        out.view(-1)[((k[:, None] * h + yy) * w + xx[:, None]).view(-1)] = inside.view(-1)
     return out
 
 

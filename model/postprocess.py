@@ -148,25 +148,6 @@ def instance_candidates(
 
 
 @torch.no_grad()
-def full_resolution_masks(mask_probs: torch.Tensor, letterbox: Letterbox, threshold: float) -> torch.Tensor:
-    """Binary masks at the original size: the probabilities resampled (one bilinear sampling) ``> threshold``.
-
-    Args:
-        mask_probs: ``(K, h', w')`` probabilities; letterbox: the image's letterbox.
-
-    Returns:
-        ``(K, H, W)`` bool on the inputs' device; intermediates are bounded by chunking over masks.
-    """
-    h, w = letterbox.image_hw
-    k = mask_probs.shape[0]
-    out = torch.empty(k, h, w, dtype=torch.bool, device=mask_probs.device)
-    step = max(1, _CHUNK_ELEMENTS // (h * w))
-    for i in range(0, k, step):
-        out[i:i + step] = resample_masks_to_image(mask_probs[i:i + step], letterbox, threshold)
-    return out
-
-
-@torch.no_grad()
 def postprocess(
     mask_probs: torch.Tensor,
     semantic_features: torch.Tensor,
@@ -179,8 +160,8 @@ def postprocess(
     """One image's network outputs -> ``Prediction`` (instances and, optionally, the semantic map).
 
     Candidates are scored at low resolution (:func:`instance_candidates`, over the grid cells covering the
-    unpadded image); the surviving masks are resampled to ``(H, W)`` and thresholded; empty ones are dropped;
-    class-wise hard NMS (IoU ``> params.nms_iou``, floor ``params.score_threshold``); then instances with
+    unpadded image); the surviving masks are resampled to ``(H, W)`` and thresholded; class-wise hard NMS (IoU
+    ``> params.nms_iou``, floor ``params.score_threshold``); then non-empty instances with
     ``score > params.score_threshold`` are kept, by descending score (ties by query index), at most
     ``params.max_instances``.
 
@@ -205,13 +186,14 @@ def postprocess(
 
     valid = valid_grid_hw(letterbox, mask_probs.shape[1:])
     keep_idx, scores, labels = instance_candidates(mask_probs, semantic_features, text_embeddings, params, valid)
-    masks = full_resolution_masks(mask_probs[keep_idx], letterbox, params.mask_threshold)
+    # Only the surviving candidates are resampled (the others are discarded anyway, reference §7.4.4).
+    masks = resample_masks_to_image(mask_probs[keep_idx], letterbox, params.mask_threshold)
     areas = mask_areas(masks)
-    nonempty = torch.nonzero(areas > 0).flatten()
-    masks, scores, labels, areas = masks[nonempty], scores[nonempty], labels[nonempty], areas[nonempty]
-
+    # Empty full-resolution masks (IoU 0 with everything) suppress nothing; dropping them after NMS rather than
+    # before avoids copying every mask, and gives the same result given the score filter that follows.
     kept = mask_nms(masks, scores, labels, params.nms_iou, params.score_threshold)
-    kept = kept[scores[kept].to(torch.float64) > params.score_threshold][: params.max_instances]
+    kept = kept[(areas[kept] > 0) & (scores[kept].to(torch.float64) > params.score_threshold)]
+    kept = kept[: params.max_instances]
     masks, scores, labels, areas = masks[kept], scores[kept], labels[kept], areas[kept]
 
     rles = encode_masks(masks.cpu())
@@ -230,5 +212,4 @@ def postprocess(
                       semantic=label_map)
 
 
-__all__ = ["InstancePrediction", "Prediction", "semantic_label_map", "instance_candidates",
-           "full_resolution_masks", "postprocess"]
+__all__ = ["InstancePrediction", "Prediction", "semantic_label_map", "instance_candidates", "postprocess"]

@@ -214,3 +214,19 @@ def test_postprocess_rejects_inconsistent_inputs():
         postprocess(probs, feats, text[:, :8], CONCEPTS, box, params)
     with pytest.raises(ValueError, match="mask_probs"):
         postprocess(probs[0], feats, text, CONCEPTS, box, params)
+
+
+def test_postprocess_drops_masks_empty_at_full_resolution():
+    probs, feats, text = _scene(0)
+    box = letterbox_for((64, 64), 64)  # 4 output pixels per grid cell
+    lone = torch.zeros(1, GRID, GRID)
+    lone[0, 5, 5] = 0.51  # in at low resolution; resampled, no pixel centre gets more than ~0.39
+    probs = torch.cat([lone, probs])
+    feats[5, 5] = text[1]  # so that query 0 is labelled "cat", not background
+    params = InferenceParams()
+    keep, _, _ = instance_candidates(probs, feats, text, params)
+    assert 0 in keep.tolist()
+    pred = postprocess(probs, feats, text, CONCEPTS, box, params, semantic=False)
+    expected = _reference_instances(probs, feats, text, box, params)
+    assert [(i.concept_index, i.area) for i in pred.instances] == [(lab, int(m.sum())) for lab, _, m in expected]
+    assert all(i.area > 0 for i in pred.instances)
