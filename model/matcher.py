@@ -2,7 +2,7 @@
 
 The cost of query ``q`` for instance ``k`` is ``dice + bce`` on soft probabilities at the crop resolution:
 ``dice = 1 - (2 <P_q, G_k> + 1) / (sum P_q + sum G_k + 1)`` and ``bce`` the pixel mean of
-``F.binary_cross_entropy(P_q, G_k)``, computed in matmul form (never a Q x K x HW tensor). Nothing here has a
+``F.binary_cross_entropy(P_q, G_k)``, computed in matmul form (never a Q x K x HW tensor; reference §4.2). Nothing here has a
 gradient; the criterion turns the pairs into losses.
 """
 
@@ -32,7 +32,8 @@ def mask_cost(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     dice = 1.0 - (2.0 * (g @ p.T) + 1.0) / (g.sum(-1)[:, None] + p.sum(-1)[None, :] + 1.0)
     log_p = torch.log(p).clamp(min=-100.0)
     log_1mp = torch.log1p(-p).clamp(min=-100.0)
-    bce = -(g @ log_p.T + (1.0 - g) @ log_1mp.T) / n
+    # g.log p + (1-g).log(1-p) = g.(log p - log(1-p)) + sum log(1-p): one matmul, no (1-g) tensor
+    bce = -(g @ (log_p - log_1mp).T + log_1mp.sum(-1)[None, :]) / n
     return dice + bce
 
 

@@ -244,6 +244,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def tune_cpu_allocator() -> bool:
+    """glibc malloc made large CPU activations 5-10x slower and erratic (shapes-notes.md); the fix is the
+    ``MALLOC_MMAP_THRESHOLD_=32 MiB`` / ``MALLOC_TRIM_THRESHOLD_`` (huge) settings, applied here with ``mallopt`` so
+    a plain ``python -m model.train`` gets them (mallopt takes a C int: the trim threshold is capped at 2 GiB - 1).
+    Returns whether they were applied (False off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def git_commit() -> dict[str, Any]:
     here = Path(__file__).resolve().parent
     try:
@@ -360,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     dist, device = setup_distributed(args.device)
     log = _logger(dist)
     torch.set_flush_denormal(True)  # denormals made CPU step times swing 10x (shapes-notes.md)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     seed_everything(cfg.optim.seed)
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -440,6 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dist.main and (step % o.checkpoint_every == 0 or step == stop):
             save_training_state(state_path, model, optimizer, step, extra={"config": cfg.to_dict()})
     bar.close()
+    if dist.world_size > 1:  # leave the group before exporting: a long evaluation must not hit a collective timeout
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
     # -- export
     if step >= o.steps and dist.main:
@@ -448,9 +470,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "config": cfg.to_dict(), "steps": step, "world_size": dist.world_size}
         path = export(out_dir / "model.safetensors", model, text_tower, cfg, provenance, device, log)
         log(f"exported {path}")
-    if dist.world_size > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -193,7 +193,8 @@ def _initial_encoder(world: Path) -> dict:
 def test_shipped_recipes_carry_the_reference_hyper_parameters(name, steps, ignore, classes):
     from model.train import TrainConfig
 
-    cfg = TrainConfig.from_dict(json.loads((Path(__file__).parents[2] / "model" / "configs" / f"{name}.json").read_text()))
+    path = Path(__file__).parents[2] / "model" / "configs" / f"{name}.json"
+    cfg = TrainConfig.from_dict(json.loads(path.read_text()))
     o, s = cfg.optim, cfg.synthesis
     assert (o.steps, o.batch_size, o.lr, o.encoder_lr_mult, o.weight_decay, o.poly_power, o.min_lr) == \
         (steps, 8, 5e-5, 0.1, 0.05, 0.9, 1e-6)
@@ -202,3 +203,23 @@ def test_shipped_recipes_carry_the_reference_hyper_parameters(name, steps, ignor
         (384, 10, (0.1, 1.0), True, ignore, 39)
     assert len(cfg.vocabulary) == classes and cfg.data.retrieval_n == 500
     assert cfg.model.num_queries == 100 and cfg.model.decoder_layers == 6 and cfg.model.input_size == 384
+
+
+@pytest.mark.slow
+def test_same_script_runs_under_torchrun_with_two_cpu_ranks(world, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from model.checkpoint import read_metadata
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "model.train", "--config", str(_config(world, tmp_path, **{"optim.batch_size": 1})), "--device", "cpu",
+           "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("step 4/4") == 1  # only rank 0 logs
+    assert read_metadata(out / "model.safetensors").provenance["world_size"] == 2
+    assert _state(out / "train_state.pt")["step"] == 4
