@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from model.config import IMAGENET_MEAN, IMAGENET_STD
+from model.rle import decode_rle
 
 _PAD = -1  # instance-map value of padding pixels (becomes ignore_index in the semantic target)
 
@@ -135,13 +136,6 @@ def load_rgb(path: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
-def decode_rle(rle: Mapping[str, Any]) -> np.ndarray:
-    """COCO RLE (``counts`` str or bytes) -> bool (H, W)."""
-    from pycocotools import mask as mask_utils
-
-    return mask_utils.decode({"size": list(rle["size"]), "counts": rle["counts"]}).astype(bool)
-
-
 class CopyPasteDataset(torch.utils.data.Dataset):
     """Random training samples from retrieved images and their masks (reference §4.3).
 
@@ -224,7 +218,7 @@ def rasterise_instances(instances: Sequence[Instance], size_hw: tuple[int, int],
     instance_map = np.zeros(size_hw, dtype=np.int64)
     labels = []
     for inst in instances:
-        mask = decode_rle(inst.rle)
+        mask = decode_rle(dict(inst.rle))
         if mask.shape != tuple(size_hw):
             raise ValueError(f"{path}: mask size {mask.shape} does not match the image size {tuple(size_hw)}")
         labels.append(default_label if inst.label_id is None else inst.label_id)
@@ -419,4 +413,4 @@ def annotations_from_coco(annotation_file: str | Path, image_dir: str | Path,
 
 __all__ = ["SynthesisParams", "Instance", "TrainingSample", "TrainingBatch", "CopyPasteDataset", "AugmentedSource",
            "collate_samples", "rasterise_instances", "augment_geometry", "augment_photometry", "compose",
-           "gaussian_blur", "StepBatchSampler", "annotations_from_pseudo_masks", "annotations_from_coco", "load_rgb", "decode_rle"]
+           "gaussian_blur", "StepBatchSampler", "annotations_from_pseudo_masks", "annotations_from_coco", "load_rgb"]

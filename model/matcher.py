@@ -2,8 +2,8 @@
 
 The cost of query ``q`` for instance ``k`` is ``dice + bce`` on soft probabilities at the crop resolution:
 ``dice = 1 - (2 <P_q, G_k> + 1) / (sum P_q + sum G_k + 1)`` and ``bce`` the pixel mean of
-``F.binary_cross_entropy(P_q, G_k)``, computed in matmul form (never a Q x K x HW tensor; reference §4.2). Nothing here has a
-gradient; the criterion turns the pairs into losses.
+``F.binary_cross_entropy(P_q, G_k)``, computed in matmul form (never a Q x K x HW tensor; reference §4.2).
+Nothing here has a gradient; the criterion turns the pairs into losses.
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ class DataConfig:
             raise ValueError("data.ground_truth needs exactly the keys 'annotations' and 'image_dir'")
         unknown = set(self.pseudo_masks) - _PSEUDO_MASK_KEYS
         if unknown:
-            raise ValueError(f"unknown key(s) in data.pseudo_masks: {sorted(unknown)}; known: {sorted(_PSEUDO_MASK_KEYS)}")
+            raise ValueError(f"unknown key(s) in data.pseudo_masks: {sorted(unknown)}; "
+                             f"known: {sorted(_PSEUDO_MASK_KEYS)}")
         if self.retrieval_n < 1:
             raise ValueError(f"data.retrieval_n must be positive, got {self.retrieval_n}")
 
@@ -316,4 +317,5 @@ def wait_for_stage(cache_dir: str | Path, name: str, inputs: dict[str, Any], pol
     return final
 
 
-__all__ = ["DataConfig", "TrainingData", "prepare_training_data", "validate_data_inputs", "file_digest", "folder_fingerprint", "stage_key", "stage_dir", "is_done", "run_stage", "wait_for_stage"]
+__all__ = ["DataConfig", "TrainingData", "prepare_training_data", "validate_data_inputs", "file_digest",
+           "folder_fingerprint", "stage_key", "stage_dir", "is_done", "run_stage", "wait_for_stage"]
