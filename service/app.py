@@ -1,0 +1,92 @@
+"""The app factory: settings read once, a lifespan that starts and drains the engine, routes, errors, metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Callable
+
+import anyio
+from fastapi import FastAPI
+
+from model.checkpoint import read_metadata
+from model.predictor import Predictor
+from service.engine import Engine, EngineConfig
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.middleware import BodySizeLimit, RequestMetrics
+from service.routes import ops, segment
+from service.settings import Settings
+from service.version import VERSION
+
+log = logging.getLogger("service")
+
+DESCRIPTION = """Zero-shot, open-vocabulary instance and semantic segmentation (ZUTIS).
+
+`POST /segment` takes an image and any list of concepts. Errors are `{"error": "...", "type": "..."}`.
+`/healthz`, `/readyz` and `/metrics` need no API key; `/segment` and `/info` do when `ZUTIS_API_KEY` is set."""
+
+
+def check_checkpoint(settings: Settings) -> None:
+    """Fail fast, naming the file, when the checkpoint is missing or not ours (reads the header only)."""
+    path = settings.checkpoint
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path.resolve()} (set ZUTIS_CHECKPOINT to a "
+                                f"checkpoint in our format, e.g. one written by model.checkpoint.save_checkpoint)")
+    read_metadata(path)
+
+
+def create_app(settings: Settings | None = None, *, loader: Callable[[], Predictor] | None = None,
+               on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """Build the service.
+
+    Args:
+        settings: the configuration; default ``Settings()`` (reads ``ZUTIS_*`` from the environment, here only).
+        loader: builds the ``Predictor`` in the engine thread; default ``Predictor.from_checkpoint`` with the
+            settings' checkpoint, device, dtype and input size (tests pass slower or instrumented loaders).
+        on_fatal: called (from the engine thread) when the model fails to load or warm up.
+
+    The model loads and warms up in the background once the lifespan starts: ``/healthz`` answers at once,
+    ``/readyz`` turns 200 when warm-up is done.
+    """
+    settings = settings if settings is not None else Settings()
+    check_checkpoint(settings)
+    metrics = Metrics()
+    if loader is None:
+        loader = partial(Predictor.from_checkpoint, settings.checkpoint, settings.device, settings.dtype,
+                         settings.input_size)
+    config = EngineConfig(max_batch_size=settings.max_batch_size,
+                          max_batch_delay_s=settings.max_batch_delay_ms / 1000.0, queue_size=settings.queue_size,
+                          workers=settings.postprocess_workers, text_cache_size=settings.text_cache_size,
+                          retry_after_s=settings.retry_after_s, flush_denormal=settings.flush_denormal,
+                          torch_threads=settings.torch_threads)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        def loaded() -> Predictor:
+            predictor = loader()
+            metrics.set_build_info(VERSION, predictor.model_id, str(predictor.device),
+                                   str(predictor.dtype).removeprefix("torch."))
+            return predictor
+
+        engine = Engine(loaded, config, metrics, on_fatal)
+        app.state.engine = engine
+        engine.start()
+        try:
+            yield
+        finally:
+            log.info("draining: waiting for %d request(s)", engine.admitted)
+            await anyio.to_thread.run_sync(engine.stop, settings.drain_timeout_s)
+            log.info("stopped")
+
+    app = FastAPI(title="zutis-service", version=VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(ops.router)
+    app.include_router(segment.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, on_reject=metrics.count_rejection)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees the 413s too
+    return app

@@ -1,0 +1,2 @@
+"""HTTP routes, one module per resource: ``segment`` (POST /segment) and ``ops`` (health, readiness, info,
+metrics)."""

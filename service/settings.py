@@ -1,0 +1,86 @@
+"""The service's configuration: one pydantic-settings class, read once (in the app factory) and injected.
+
+Every field can be set from the environment as ``ZUTIS_<FIELD>`` (e.g. ``ZUTIS_MAX_BATCH_SIZE=16``). Nothing else
+in the service reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CHECKPOINT = Path("weights/zutis-shapes.safetensors")
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Model, batching, limits, security and server settings (environment prefix ``ZUTIS_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="ZUTIS_", extra="forbid", frozen=True)
+
+    # -- model ------------------------------------------------------------------------------------------------
+    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint file (our safetensors format); a relative "
+                                                             "path is relative to the working directory")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"] = Field(
+        "auto", description="compute precision: auto is float32 on CPU and float16 autocast on CUDA")
+    input_size: int | None = Field(None, ge=8, description="letterbox size S; default: the checkpoint's")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (process-wide); default: "
+                                                              "torch's own choice (the cores)")
+    flush_denormal: bool = Field(True, description="flush denormal floats to zero in the model's threads "
+                                                   "(CPU speed; see docs/shapes-notes)")
+
+    # -- batching ---------------------------------------------------------------------------------------------
+    max_batch_size: int = Field(8, ge=1, le=64, description="most images in one forward pass")
+    max_batch_delay_ms: float = Field(5.0, ge=0.0, le=10_000.0,
+                                      description="longest wait for more images once the first has arrived")
+    queue_size: int = Field(64, ge=1, description="most /segment requests held at once (decoding, waiting for the "
+                                                  "model, in a forward pass or post-processing); one more gets 503")
+    postprocess_workers: int = Field(2, ge=1, le=64, description="threads for decoding, letterboxing, text "
+                                                                 "encoding and post-processing")
+    text_cache_size: int = Field(10_000, ge=1, description="text embeddings kept (one per concept)")
+
+    # -- limits -----------------------------------------------------------------------------------------------
+    max_body_bytes: int = Field(32 * MiB, ge=1024, description="largest request body in bytes")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image, width x height")
+    max_concepts: int = Field(100, ge=1, description="most distinct concepts per request (background excluded)")
+    max_concept_length: int = Field(100, ge=1, description="longest concept, in characters")
+    max_instances: int = Field(100, ge=0, description="most instances returned; a request may ask for fewer")
+    request_timeout_s: float = Field(30.0, gt=0.0, description="deadline of a request from its arrival; past it "
+                                                               "the answer is 504")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After of 503 answers, in seconds")
+
+    # -- security ---------------------------------------------------------------------------------------------
+    api_key: SecretStr | None = Field(None, description="when set, /segment and /info need it as "
+                                                        "'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+
+    # -- server -----------------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="interface uvicorn binds (0.0.0.0 in the container)")
+    port: int = Field(8000, ge=0, le=65535)
+    drain_timeout_s: float = Field(30.0, gt=0.0, description="longest wait for accepted requests at shutdown")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    def limits(self) -> dict[str, int | float]:
+        """Every request limit, as /info reports them."""
+        return {
+            "max_body_bytes": self.max_body_bytes,
+            "max_image_pixels": self.max_image_pixels,
+            "max_concepts": self.max_concepts,
+            "max_concept_length": self.max_concept_length,
+            "max_instances": self.max_instances,
+            "request_timeout_s": self.request_timeout_s,
+            "queue_size": self.queue_size,
+        }
+
+    def batching(self) -> dict[str, int | float]:
+        """The batching knobs, as /info reports them."""
+        return {
+            "max_batch_size": self.max_batch_size,
+            "max_batch_delay_ms": self.max_batch_delay_ms,
+            "queue_size": self.queue_size,
+            "postprocess_workers": self.postprocess_workers,
+            "text_cache_size": self.text_cache_size,
+        }

@@ -1,0 +1,74 @@
+"""Uploaded image bytes -> an RGB PIL image, with the format and pixel-count limits checked before decoding.
+
+The pixel count is read from the image header and checked before any pixel is decoded, so a small file that
+would decompress to a huge image (a decompression bomb) is refused cheaply. Pillow's own bomb check is a second
+line of defence (its ``DecompressionBombError`` becomes the same 413).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from service.errors import ServiceError
+
+SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode an uploaded file into an RGB image.
+
+    Args:
+        data: the file's bytes, as uploaded.
+        max_pixels: the largest ``width * height`` accepted.
+
+    Returns:
+        an ``RGB`` PIL image (first frame of animations), at the file's own size; no EXIF rotation is applied, so
+        masks are in the stored pixel grid, as ``python -m model.predict`` returns them.
+
+    Raises:
+        ServiceError: 415 not an image or not a supported format; 413 more pixels than ``max_pixels``; 400 an
+        image of a supported format whose data cannot be decoded (truncated, corrupt) or that is empty.
+    """
+    if not data:
+        raise ServiceError("invalid_image", "the uploaded image file is empty")
+    try:
+        image = Image.open(io.BytesIO(data), formats=None)
+    except UnidentifiedImageError:
+        raise ServiceError("unsupported_media_type", "the upload is not an image in a supported format "
+                           f"({', '.join(SUPPORTED_FORMATS)})") from None
+    except Image.DecompressionBombError as exc:
+        raise ServiceError("image_too_large", f"the image has too many pixels ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ServiceError("invalid_image", f"the image header could not be read ({exc})") from None
+    if image.format not in SUPPORTED_FORMATS:
+        raise ServiceError("unsupported_media_type", f"{image.format} images are not supported; use one of "
+                           f"{', '.join(SUPPORTED_FORMATS)}")
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ServiceError("invalid_image", f"the image is empty ({width}x{height} pixels)")
+    if width * height > max_pixels:
+        raise ServiceError("image_too_large", f"the image is {width}x{height} = {width * height:,} pixels; "
+                           f"the limit is {max_pixels:,}")
+    try:
+        image.load()
+        return to_rgb(image)
+    except Image.DecompressionBombError as exc:
+        raise ServiceError("image_too_large", f"the image has too many pixels ({exc})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ServiceError("invalid_image", f"the {image.format} image could not be decoded ({exc})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB. 16-bit greyscale (and 32-bit values above 255) are scaled from 0..65535
+    rather than clipped; alpha is dropped (the colour under transparent pixels is used as it is)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 255.0 if not image.mode.startswith("I;16") and values.max() <= 255 else 65535.0
+        grey = np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2), mode="RGB")
+    return image.convert("RGB")
