@@ -1,6 +1,6 @@
 """Train ZUTIS (reference §4): ``python -m model.train --config model/configs/X.json [--resume] [--out DIR]``.
 
-Reads top to bottom: config -> setup -> data stages -> model -> one loop (log, checkpoint) -> export.
+Reads top to bottom: config -> setup -> model -> data stages -> one loop (log, checkpoint) -> export.
 The same script runs under ``torchrun`` (DDP, one process per GPU; only rank 0 writes).
 
 - Data stages (``model.stages``): image index -> top-n retrieval per concept -> pseudo-masks, each cached in a
@@ -384,6 +384,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     log(f"rank {dist.rank}/{dist.world_size} on {device}; run directory {out_dir}")
 
+    # -- model: built before the data stages, so a CLIP file that does not fit fails now, not hours later, and the
+    # random head initialisation does not depend on whether the stages were cached
+    model, text_tower = build_model(cfg)
+    text_embeddings = encode_vocabulary(text_tower, cfg).to(device)
+
     # -- data
     data = prepare_training_data(cfg.data, cfg.vocabulary, cfg.clip_weights, cfg.model, cache_dir, device,
                                  is_main=dist.main, log=log)
@@ -392,9 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dataset = CopyPasteDataset(data.retrieval, cfg.vocabulary, data.annotations, cfg.synthesis, cfg.optim.seed)
     log(f"{len(dataset)} retrieved entries ({data.provenance['images']} images), {len(cfg.vocabulary)} concepts")
 
-    # -- model and optimiser
-    model, text_tower = build_model(cfg)
-    text_embeddings = encode_vocabulary(text_tower, cfg).to(device)
+    # -- optimiser (and the state of an interrupted run)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg.optim)
     step = 0
