@@ -115,6 +115,12 @@ class TrainingBatch:
     instance_masks: list[torch.Tensor] = field(default_factory=list)
     instance_labels: list[torch.Tensor] = field(default_factory=list)
 
+    def pin_memory(self) -> "TrainingBatch":
+        """Called by a DataLoader with ``pin_memory=True`` (custom batch types are otherwise left unpinned)."""
+        return TrainingBatch(self.images.pin_memory(), self.semantic.pin_memory(),
+                             [m.pin_memory() for m in self.instance_masks],
+                             [lab.pin_memory() for lab in self.instance_labels])
+
     def to(self, device: torch.device | str) -> "TrainingBatch":
         nb = torch.device(device).type == "cuda"
         return TrainingBatch(self.images.to(device, non_blocking=nb), self.semantic.to(device, non_blocking=nb),
