@@ -4,10 +4,10 @@ Reads top to bottom: recipe, setup, data (rendered on the fly in a background th
 periodic zero-shot evaluation, then the final evaluation and the weight file (``model.clip_weights.save_clip``:
 safetensors with ``model_config``, ``recipe`` and ``metrics`` metadata).
 
-    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 \\
+    OMP_WAIT_POLICY=PASSIVE MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 \\
         python -m model.shapes.clip_pretrain --config model/configs/shapes_clip.json --out runs/shapes/clip.safetensors
 
-Choices worth knowing (see docs/shapes-notes.md for the prototype these follow):
+Choices worth knowing (shared/docs/shapes-notes.md has the prototype these follow):
 
 - Images are normalised with the ModelConfig's ``image_mean``/``image_std``: ZUTIS normalises its input the same
   way, so the encoder it fine-tunes sees what the CLIP saw.
@@ -20,10 +20,14 @@ Choices worth knowing (see docs/shapes-notes.md for the prototype these follow):
   same content as a positive (uniform soft targets over them) instead of pushing identical captions apart.
 - Determinism: step ``s`` renders from ``numpy.random.default_rng([seed, 0, s])``, the weights are initialised
   from ``torch.manual_seed(seed)``, so a run with ``steps`` set is reproducible on the same machine and thread
-  count. With a ``minutes`` budget the step count is estimated from the measured speed (re-estimated while the
-  run is in its first half) and recorded in the metadata; rerun with ``--steps`` for an exact replay.
+  count. With a ``minutes`` budget the step count is estimated from the measured speed (re-estimated every 25
+  steps while the run is in its first half, so the cosine schedule may shift a little then) and recorded in the
+  metadata; ``--steps`` gives a reproducible run.
 - CPU speed traps: denormals are flushed (``torch.set_flush_denormal``) and glibc's malloc is told, via
   ``mallopt``, to keep large blocks mapped (the same as the MALLOC_* variables above, which you can set too).
+  On a CPU shared with other busy processes, OpenMP's default spin-waiting made 2-thread steps ~5x slower
+  (measured: 4.4-5.4 CPU-s and 10-28 s wall per step instead of 1.1 CPU-s and ~2 s); ``OMP_WAIT_POLICY=PASSIVE``
+  (read when torch starts, so it must be set in the environment) removes that.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import ctypes
 import dataclasses
 import json
 import math
+import os
 import queue
 import sys
 import threading
@@ -53,6 +58,8 @@ from model.shapes.world import ShapesWorld, render_caption_batch
 from model.shapes.zero_shot import final_metrics, images_to_tensor, render_eval_set, zero_shot_accuracy
 
 TRAIN_STREAM = 0
+_ENV_HINTS = {"OMP_WAIT_POLICY": "PASSIVE", "MALLOC_MMAP_THRESHOLD_": "33554432",
+              "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 _NO_DECAY = ("token_embedding", "positional_embedding", "class_embedding")
 
 
@@ -392,6 +399,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.out.suffix != ".safetensors":
         parser.error(f"--out must end in .safetensors, got {args.out}")
+    missing = [k for k in _ENV_HINTS if k not in os.environ]
+    if missing:
+        print("hint: set " + " ".join(f"{k}={_ENV_HINTS[k]}" for k in missing) + " before starting Python "
+              "(see this module's docstring: CPU speed traps)", file=sys.stderr)
     pretrain_clip(args.config, args.out, minutes=args.minutes, steps=args.steps, seed=args.seed)
 
 
