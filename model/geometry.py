@@ -202,13 +202,20 @@ def _axis_sampling(
     return i0.to(device), i1.to(device), (g - i0).to(device)
 
 
+def _runs(index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a non-decreasing index into ``range(size)``: where each value's run starts, and its length."""
+    values = torch.arange(size, device=index.device)
+    start = torch.searchsorted(index, values)
+    return start, torch.searchsorted(index, values, right=True) - start
+
+
 def resample_masks_to_image(probs: torch.Tensor, letterbox: Letterbox, threshold: float) -> torch.Tensor:
     """``resample_to_image(probs, letterbox) > threshold`` without computing most pixels.
 
     A bilinear value is a convex combination of the four grid values around it, so wherever all four exceed
     the threshold the pixel is in the mask, and wherever none does it is not; only pixels between grid cells
     whose corners straddle the threshold (mask borders, a few percent of the image) are interpolated, in
-    float64. The answer is the exact-arithmetic one: it can differ from the float32 ``grid_sample`` only where
+    float64. The result can differ from the float32 ``grid_sample`` one only where
     the interpolated value is within rounding error (~1e-7) of the threshold.
 
     Args:
@@ -228,41 +235,42 @@ def resample_masks_to_image(probs: torch.Tensor, letterbox: Letterbox, threshold
         return torch.zeros(n, h, w, dtype=torch.bool, device=probs.device)
     rh, rw = letterbox.resized_hw
     s = letterbox.input_size
-    y0, y1, wy = _axis_sampling(h, rh, gh, s, probs.device)
-    x0, x1, wx = _axis_sampling(w, rw, gw, s, probs.device)
+    y0, _, wy = _axis_sampling(h, rh, gh, s, probs.device)
+    x0, _, wx = _axis_sampling(w, rw, gw, s, probs.device)
+    # y0 and x0 are non-decreasing: grid row i is sampled by output rows [row_start[i], row_start[i] + row_count[i]).
+    row_start, row_count = _runs(y0, gh)
+    col_start, col_count = _runs(x0, gw)
 
     # Cell (i, j) spans grid rows i..i+1 and columns j..j+1 (the last row/column replicated): its min and max.
     right = torch.cat([probs[:, :, 1:], probs[:, :, -1:]], dim=2)
     row_max, row_min = torch.maximum(probs, right), torch.minimum(probs, right)
     cell_max = torch.maximum(row_max, torch.cat([row_max[:, 1:], row_max[:, -1:]], dim=1))
     cell_min = torch.minimum(row_min, torch.cat([row_min[:, 1:], row_min[:, -1:]], dim=1))
-    # y0 is non-decreasing: the output rows of grid row i are [row_start[i], row_start[i] + row_count[i]).
-    row_start = torch.searchsorted(y0, torch.arange(gh + 1, device=probs.device))
-    row_count = row_start[1:] - row_start[:-1]
-    row_start = row_start[:-1]
-    # 1: every pixel of the cell is in; 2: pixels must be interpolated; 0: out (or no output row samples it).
-    state = (cell_min > threshold).to(torch.uint8) + 2 * ((cell_max > threshold) & (cell_min <= threshold))
-    state *= (row_count > 0).to(torch.uint8).view(1, gh, 1)
-    # Expand cells to output columns first (small), then to output rows: whole contiguous rows get copied.
-    col_state = state.index_select(2, x0)  # (N, h', W)
-    out = (col_state == 1).index_select(1, y0)  # (N, H, W)
-    mixed = torch.nonzero((col_state == 2).view(-1)).squeeze(1)  # flat (map, grid row, output column)
-    if mixed.numel():
-        k, cell_row, xx = mixed // (gh * w), (mixed // w) % gh, mixed % w
-        # Interpolate along x once per mixed (map, grid row, column) ...
-        flat_grid = probs.to(torch.float64).reshape(-1)
-        upper = k * (gh * gw) + cell_row * gw
-        lower = k * (gh * gw) + (cell_row + 1).clamp_(max=gh - 1) * gw
-        c0, c1, ax = x0[xx], x1[xx], wx[xx]
-        top = torch.lerp(flat_grid[upper + c0], flat_grid[upper + c1], ax)
-        bottom = torch.lerp(flat_grid[lower + c0], flat_grid[lower + c1], ax)
-        # ... then along y for each of its output rows, as an (M, max rows per cell) block; short cells repeat
-        # their last row, which writes the same value twice.
-        offsets = torch.arange(int(row_count.max()), device=probs.device)
-        rows_of = row_start[:, None] + torch.minimum(offsets[None, :], (row_count - 1).clamp(min=0)[:, None])
-        yy = rows_of[cell_row]  # (M, R)
-        inside = torch.lerp(top[:, None], bottom[:, None], wy[yy]) > threshold
-        out.view(-1)[((k[:, None] * h + yy) * w + xx[:, None]).view(-1)] = inside.view(-1)
+    sampled = (row_count > 0)[:, None] & (col_count > 0)[None, :]  # cells some output pixel falls in
+    all_in = cell_min > threshold
+    mixed = (cell_max > threshold) & ~all_in & sampled
+
+    # Pure cells: expand to output columns (gather), then to output rows (whole contiguous rows copied).
+    cols = torch.gather(all_in.reshape(n * gh, gw), 1, x0.expand(n * gh, w)).view(n, gh, w)
+    out = cols.index_select(1, y0)  # (N, H, W)
+
+    k, i, j = torch.nonzero(mixed, as_tuple=True)
+    if k.numel():
+        # Mixed cells: interpolate every pixel of each cell as an (M, R, C) block of rows x columns; cells with
+        # fewer rows/columns repeat their last one, which writes the same value twice.
+        flat = probs.to(torch.float64).reshape(-1)
+        upper, lower = k * (gh * gw) + i * gw, k * (gh * gw) + (i + 1).clamp(max=gh - 1) * gw
+        j1 = (j + 1).clamp(max=gw - 1)
+        rows = row_start[i, None] + torch.minimum(
+            torch.arange(int(row_count.max()), device=probs.device)[None, :], row_count[i, None] - 1)
+        cols_ = col_start[j, None] + torch.minimum(
+            torch.arange(int(col_count.max()), device=probs.device)[None, :], col_count[j, None] - 1)
+        ax, ay = wx[cols_], wy[rows]  # (M, C), (M, R)
+        top = torch.lerp(flat[upper + j][:, None], flat[upper + j1][:, None], ax)
+        bottom = torch.lerp(flat[lower + j][:, None], flat[lower + j1][:, None], ax)
+        inside = torch.lerp(top[:, None, :], bottom[:, None, :], ay[:, :, None]) > threshold  # (M, R, C)
+        target = (k[:, None, None] * h + rows[:, :, None]) * w + cols_[:, None, :]
+        out.view(-1)[target.view(-1)] = inside.view(-1)
     return out
 
 
