@@ -71,6 +71,7 @@ def test_semantic_formats_and_parameters(make_client):
     assert strict["instances"] == []
 
 
+@pytest.mark.slow
 def test_concurrent_mixed_vocabularies_share_batches_and_answer_as_alone(make_client):
     client = make_client(max_batch_size=8, max_batch_delay_ms=300, postprocess_workers=2)
     vocabularies = ["cat,dog", "red circle, blue star, green square", "a,b,c,d,e,f", "dog"]

@@ -1,0 +1,51 @@
+"""Decoding uploads: every supported mode becomes 8-bit RGB at the file's own size; limits before decoding."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.errors import ServiceError
+from service.upload import decode_image
+
+
+def encoded(image: Image.Image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode,format", [("RGB", "PNG"), ("RGBA", "PNG"), ("L", "PNG"), ("LA", "PNG"),
+                                         ("P", "PNG"), ("1", "PNG"), ("RGB", "JPEG"), ("CMYK", "JPEG"),
+                                         ("RGB", "WEBP"), ("RGB", "BMP"), ("P", "GIF"), ("RGB", "TIFF")])
+def test_modes_and_formats_become_rgb(mode, format):
+    pixels = np.random.default_rng(0).integers(0, 256, size=(7, 11, 3), dtype=np.uint8)
+    image = decode_image(encoded(Image.fromarray(pixels).convert(mode), format), max_pixels=100)
+    assert image.mode == "RGB" and image.size == (11, 7)
+
+
+def test_rgb_png_pixels_are_untouched():
+    pixels = np.random.default_rng(1).integers(0, 256, size=(5, 6, 3), dtype=np.uint8)
+    assert np.array_equal(np.asarray(decode_image(encoded(Image.fromarray(pixels), "PNG"), 30)), pixels)
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped():
+    values = np.array([[0, 256, 32768, 65535]], dtype=np.uint16)
+    image = decode_image(encoded(Image.fromarray(values), "PNG"), 100)
+    assert np.asarray(image)[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_limits_and_bad_data():
+    with pytest.raises(ServiceError) as error:
+        decode_image(encoded(Image.new("RGB", (11, 10)), "PNG"), max_pixels=109)
+    assert error.value.type == "image_too_large" and "11x10 = 110 pixels" in error.value.message
+    with pytest.raises(ServiceError) as error:
+        noise = np.random.default_rng(2).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+        decode_image(encoded(Image.fromarray(noise), "PNG")[:500], max_pixels=10_000)
+    assert error.value.type == "invalid_image" and error.value.status_code == 400
+    with pytest.raises(ServiceError) as error:
+        decode_image(b"GIF89a but not really", max_pixels=100)
+    assert error.value.type == "unsupported_media_type"  # a GIF signature without a GIF
