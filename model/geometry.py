@@ -20,6 +20,9 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from PIL import Image
 
+# Bound on the elements of the float blocks interpolated at once by resample_argmax_to_image (~16 MiB).
+_CHUNK_ELEMENTS = 2**22
+
 
 @dataclass(frozen=True)
 class Letterbox:
@@ -189,17 +192,16 @@ def resample_to_image(
 
 def _axis_sampling(
     out_size: int, valid: int, grid_size: int, input_size: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per output index along one axis: the two grid indices it interpolates between and the weight of the second.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output index along one axis: the grid index before it and the weight of the one after.
 
     Output index ``o`` samples grid coordinate ``(o + 0.5) * valid / (out_size * S) * grid_size - 0.5``, clamped
-    to ``[0, grid_size - 1]`` (grid_sample's border padding). Returns int64 ``i0``, ``i1`` and float64 weights.
+    to ``[0, grid_size - 1]`` (grid_sample's border padding). Returns int64 indices and float64 weights.
     """
     g = (torch.arange(out_size, dtype=torch.float64) + 0.5) * (valid * grid_size / (out_size * input_size)) - 0.5
     g = g.clamp_(0.0, grid_size - 1.0)
     i0 = g.floor().to(torch.int64)
-    i1 = (i0 + 1).clamp_(max=grid_size - 1)
-    return i0.to(device), i1.to(device), (g - i0).to(device)
+    return i0.to(device), (g - i0).to(device)
 
 
 def _runs(index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,14 +211,68 @@ def _runs(index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return start, torch.searchsorted(index, values, right=True) - start
 
 
+@dataclass(frozen=True)
+class _Cells:
+    """How output pixels fall into grid cells: cell ``(i, j)`` lies between grid rows ``i, i + 1`` and columns
+    ``j, j + 1`` (the last ones replicated) and holds output rows ``[row_start[i], row_start[i] + row_count[i])``
+    and the matching columns. Pixels are bilinear in their cell's four corners with weights ``wy``, ``wx``."""
+
+    grid_hw: tuple[int, int]
+    image_hw: tuple[int, int]
+    y0: torch.Tensor  # (H,) int64 cell row of each output row
+    wy: torch.Tensor  # (H,) float64
+    x0: torch.Tensor  # (W,) int64
+    wx: torch.Tensor  # (W,) float64
+    row_start: torch.Tensor  # (h',) int64
+    row_count: torch.Tensor  # (h',) int64
+    col_start: torch.Tensor  # (w',) int64
+    col_count: torch.Tensor  # (w',) int64
+
+    @property
+    def sampled(self) -> torch.Tensor:
+        """``(h', w')`` bool: cells that hold at least one output pixel."""
+        return (self.row_count > 0)[:, None] & (self.col_count > 0)[None, :]
+
+    def expand(self, values: torch.Tensor) -> torch.Tensor:
+        """``(N, h', w')`` per-cell values -> ``(N, H, W)``, each pixel taking its cell's value."""
+        n, gh, gw = values.shape
+        w = self.image_hw[1]
+        # Columns with a gather (fast on the last dim), then rows, which copies whole contiguous rows.
+        cols = torch.gather(values.reshape(n * gh, gw), 1, self.x0.expand(n * gh, w)).view(n, gh, w)
+        return cols.index_select(1, self.y0)
+
+    def pixels(self, i: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output rows ``(M, R)`` and columns ``(M, C)`` of cells ``(i, j)``, padded by repeating the last one."""
+        device = i.device
+        rows = self.row_start[i, None] + torch.minimum(
+            torch.arange(int(self.row_count.max()), device=device)[None, :], self.row_count[i, None] - 1)
+        cols = self.col_start[j, None] + torch.minimum(
+            torch.arange(int(self.col_count.max()), device=device)[None, :], self.col_count[j, None] - 1)
+        return rows, cols
+
+
+def _cells(letterbox: Letterbox, grid_hw: tuple[int, int], device: torch.device) -> _Cells:
+    gh, gw = grid_hw
+    y0, wy = _axis_sampling(letterbox.image_hw[0], letterbox.resized_hw[0], gh, letterbox.input_size, device)
+    x0, wx = _axis_sampling(letterbox.image_hw[1], letterbox.resized_hw[1], gw, letterbox.input_size, device)
+    row_start, row_count = _runs(y0, gh)
+    col_start, col_count = _runs(x0, gw)
+    return _Cells((gh, gw), letterbox.image_hw, y0, wy, x0, wx, row_start, row_count, col_start, col_count)
+
+
+def _shifted(maps: torch.Tensor, dim: int) -> torch.Tensor:
+    """``maps`` shifted by one towards lower indices along ``dim``, the last slice replicated."""
+    return torch.cat([maps.narrow(dim, 1, maps.shape[dim] - 1), maps.narrow(dim, maps.shape[dim] - 1, 1)], dim)
+
+
 def resample_masks_to_image(probs: torch.Tensor, letterbox: Letterbox, threshold: float) -> torch.Tensor:
-    """``resample_to_image(probs, letterbox) > threshold`` without computing most pixels.
+    """``resample_to_image(probs, letterbox) > threshold`` without interpolating most pixels.
 
     A bilinear value is a convex combination of the four grid values around it, so wherever all four exceed
-    the threshold the pixel is in the mask, and wherever none does it is not; only pixels between grid cells
-    whose corners straddle the threshold (mask borders, a few percent of the image) are interpolated, in
-    float64. The result can differ from the float32 ``grid_sample`` one only where
-    the interpolated value is within rounding error (~1e-7) of the threshold.
+    the threshold the pixel is in the mask, and wherever none does it is not; only the pixels of cells whose
+    corners straddle the threshold (mask borders, a few percent of the image) are interpolated, in float64. The
+    result can differ from thresholding the float32 ``grid_sample`` output only where the interpolated value is
+    within rounding error (~1e-7) of the threshold.
 
     Args:
         probs: ``(N, h', w')`` floating maps (probabilities) on any device.
@@ -233,44 +289,71 @@ def resample_masks_to_image(probs: torch.Tensor, letterbox: Letterbox, threshold
     h, w = letterbox.image_hw
     if n == 0 or gh == 0 or gw == 0:
         return torch.zeros(n, h, w, dtype=torch.bool, device=probs.device)
-    rh, rw = letterbox.resized_hw
-    s = letterbox.input_size
-    y0, _, wy = _axis_sampling(h, rh, gh, s, probs.device)
-    x0, _, wx = _axis_sampling(w, rw, gw, s, probs.device)
-    # y0 and x0 are non-decreasing: grid row i is sampled by output rows [row_start[i], row_start[i] + row_count[i]).
-    row_start, row_count = _runs(y0, gh)
-    col_start, col_count = _runs(x0, gw)
-
-    # Cell (i, j) spans grid rows i..i+1 and columns j..j+1 (the last row/column replicated): its min and max.
-    right = torch.cat([probs[:, :, 1:], probs[:, :, -1:]], dim=2)
+    cells = _cells(letterbox, (gh, gw), probs.device)
+    right = _shifted(probs, 2)
     row_max, row_min = torch.maximum(probs, right), torch.minimum(probs, right)
-    cell_max = torch.maximum(row_max, torch.cat([row_max[:, 1:], row_max[:, -1:]], dim=1))
-    cell_min = torch.minimum(row_min, torch.cat([row_min[:, 1:], row_min[:, -1:]], dim=1))
-    sampled = (row_count > 0)[:, None] & (col_count > 0)[None, :]  # cells some output pixel falls in
+    cell_max = torch.maximum(row_max, _shifted(row_max, 1))
+    cell_min = torch.minimum(row_min, _shifted(row_min, 1))
     all_in = cell_min > threshold
-    mixed = (cell_max > threshold) & ~all_in & sampled
+    out = cells.expand(all_in)  # (N, H, W); mixed cells are overwritten below
 
-    # Pure cells: expand to output columns (gather), then to output rows (whole contiguous rows copied).
-    cols = torch.gather(all_in.reshape(n * gh, gw), 1, x0.expand(n * gh, w)).view(n, gh, w)
-    out = cols.index_select(1, y0)  # (N, H, W)
-
-    k, i, j = torch.nonzero(mixed, as_tuple=True)
+    k, i, j = torch.nonzero((cell_max > threshold) & ~all_in & cells.sampled, as_tuple=True)
     if k.numel():
-        # Mixed cells: interpolate every pixel of each cell as an (M, R, C) block of rows x columns; cells with
-        # fewer rows/columns repeat their last one, which writes the same value twice.
+        # Every pixel of a mixed cell, as an (M, R, C) block; short cells repeat their last row/column, which
+        # writes the same value twice.
+        rows, cols = cells.pixels(i, j)
         flat = probs.to(torch.float64).reshape(-1)
         upper, lower = k * (gh * gw) + i * gw, k * (gh * gw) + (i + 1).clamp(max=gh - 1) * gw
         j1 = (j + 1).clamp(max=gw - 1)
-        rows = row_start[i, None] + torch.minimum(
-            torch.arange(int(row_count.max()), device=probs.device)[None, :], row_count[i, None] - 1)
-        cols_ = col_start[j, None] + torch.minimum(
-            torch.arange(int(col_count.max()), device=probs.device)[None, :], col_count[j, None] - 1)
-        ax, ay = wx[cols_], wy[rows]  # (M, C), (M, R)
+        ax, ay = cells.wx[cols], cells.wy[rows]  # (M, C), (M, R)
         top = torch.lerp(flat[upper + j][:, None], flat[upper + j1][:, None], ax)
         bottom = torch.lerp(flat[lower + j][:, None], flat[lower + j1][:, None], ax)
         inside = torch.lerp(top[:, None, :], bottom[:, None, :], ay[:, :, None]) > threshold  # (M, R, C)
-        target = (k[:, None, None] * h + rows[:, :, None]) * w + cols_[:, None, :]
+        target = (k[:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]
         out.view(-1)[target.view(-1)] = inside.view(-1)
+    return out
+
+
+def resample_argmax_to_image(maps: torch.Tensor, letterbox: Letterbox) -> torch.Tensor:
+    """``resample_to_image(maps, letterbox).argmax(0)`` without interpolating most pixels.
+
+    Where the four grid values around a cell share their argmax ``c``, every convex combination of them has
+    argmax ``c`` too (ties included, as argmax takes the lowest index), so only the pixels of cells whose corners
+    disagree (class borders) are interpolated (float32, in bounded chunks of cells). The result can differ from
+    the ``grid_sample`` one only where two interpolated values tie within rounding error.
+
+    Args:
+        maps: ``(C, h', w')`` floating per-class scores on any device.
+        letterbox: the image's letterbox.
+
+    Returns:
+        ``(H, W)`` int64 class indices on the maps' device.
+    """
+    if maps.ndim != 3 or not maps.is_floating_point() or maps.shape[0] < 1:
+        raise ValueError(f"maps must be a (C, h', w') floating tensor with C >= 1, got shape {tuple(maps.shape)} "
+                         f"{maps.dtype}")
+    c, gh, gw = maps.shape
+    h, w = letterbox.image_hw
+    cells = _cells(letterbox, (gh, gw), maps.device)
+    corner = maps.argmax(dim=0)  # (h', w')
+    right = _shifted(corner, 1)
+    agree = (corner == right) & (corner == _shifted(corner, 0)) & (corner == _shifted(right, 0))
+    out = cells.expand(corner[None])[0]  # (H, W); cells whose corners disagree are overwritten below
+    i, j = torch.nonzero(~agree & cells.sampled, as_tuple=True)
+    if i.numel():
+        hwc = maps.permute(1, 2, 0).float()  # (h', w', C): a cell corner's scores are one contiguous row
+        i1, j1 = (i + 1).clamp(max=gh - 1), (j + 1).clamp(max=gw - 1)
+        rows, cols = cells.pixels(i, j)
+        step = max(1, _CHUNK_ELEMENTS // (rows.shape[1] * cols.shape[1] * c))
+        for m in range(0, i.numel(), step):
+            part = slice(m, m + step)
+            ax = cells.wx[cols[part]].float()[:, :, None]  # (M, C', 1)
+            ay = cells.wy[rows[part]].float()[:, :, None, None]  # (M, R, 1, 1)
+            top = torch.lerp(hwc[i[part], j[part]][:, None], hwc[i[part], j1[part]][:, None], ax)  # (M, C', C)
+            bottom = torch.lerp(hwc[i1[part], j[part]][:, None], hwc[i1[part], j1[part]][:, None], ax)
+            labels = torch.lerp(top[:, None], bottom[:, None], ay).argmax(dim=-1)  # (M, R, C')
+            target = rows[part][:, :, None] * w + cols[part][:, None, :]
+            out.view(-1)[target.view(-1)] = labels.view(-1)
     return out
 
 
@@ -292,4 +375,4 @@ def valid_grid_hw(letterbox: Letterbox, grid_hw: Sequence[int]) -> tuple[int, in
 
 
 __all__ = ["Letterbox", "letterbox_for", "preprocess_image", "resample_to_image", "resample_masks_to_image",
-           "valid_grid_hw"]
+           "resample_argmax_to_image", "valid_grid_hw"]

@@ -15,12 +15,9 @@ import numpy as np
 import torch
 
 from model.config import InferenceParams
-from model.geometry import Letterbox, resample_masks_to_image, resample_to_image, valid_grid_hw
+from model.geometry import Letterbox, resample_argmax_to_image, resample_masks_to_image, valid_grid_hw
 from model.nms import mask_areas, mask_nms
 from model.rle import encode_masks, masks_to_boxes_xywh
-
-# Bound on the elements of any full-resolution float intermediate (~64 MiB in float32).
-_CHUNK_ELEMENTS = 2**24
 
 
 @dataclass
@@ -73,10 +70,10 @@ def semantic_label_map(
 ) -> torch.Tensor:
     """Semantic segmentation (reference §3.2): argmax over concepts of the cosine logits resampled to ``(H, W)``.
 
-    The ``(C, h', w')`` logits are resampled in chunks of output rows, so memory stays bounded for any ``C``.
-    Resampling the ``E``-dim features first (the "exact equivalent" of §3.2, since both steps are linear) would
-    cost ``C * E`` multiply-adds per output pixel instead of ``4 * C``, so the logits are always what is resampled.
-    Equal logits resolve to the lowest concept index.
+    ``geometry.resample_argmax_to_image`` interpolates the ``(C, h', w')`` logits only between grid cells whose
+    corners disagree on the argmax, in bounded chunks, so memory stays small for any ``C``. (Resampling the
+    ``E``-dim features first, the "exact equivalent" of §3.2, would cost ``C * E`` multiply-adds per output
+    pixel instead of ``4 * C``.) Equal logits resolve to the lowest concept index.
 
     Args:
         semantic_features: ``(h', w', E)`` unit-norm text-space features.
@@ -90,14 +87,7 @@ def semantic_label_map(
     feats = semantic_features.float()
     text = text_embeddings.to(device=feats.device, dtype=torch.float32)
     logits = torch.einsum("hwe,ce->chw", feats, text)  # no temperature: argmax only
-    h, w = letterbox.image_hw
-    c = text.shape[0]
-    out = torch.empty(h, w, dtype=torch.int64, device=feats.device)
-    step = max(1, _CHUNK_ELEMENTS // (c * w))
-    for r0 in range(0, h, step):
-        r1 = min(h, r0 + step)
-        out[r0:r1] = resample_to_image(logits[None], letterbox, rows=(r0, r1))[0].argmax(dim=0)
-    return out
+    return resample_argmax_to_image(logits, letterbox)
 
 
 @torch.no_grad()
@@ -188,13 +178,14 @@ def postprocess(
     keep_idx, scores, labels = instance_candidates(mask_probs, semantic_features, text_embeddings, params, valid)
     # Only the surviving candidates are resampled (the others are discarded anyway, reference §7.4.4).
     masks = resample_masks_to_image(mask_probs[keep_idx], letterbox, params.mask_threshold)
-    areas = mask_areas(masks)
     # Empty full-resolution masks (IoU 0 with everything) suppress nothing; dropping them after NMS rather than
     # before avoids copying every mask, and gives the same result given the score filter that follows.
     kept = mask_nms(masks, scores, labels, params.nms_iou, params.score_threshold)
-    kept = kept[(areas[kept] > 0) & (scores[kept].to(torch.float64) > params.score_threshold)]
-    kept = kept[: params.max_instances]
-    masks, scores, labels, areas = masks[kept], scores[kept], labels[kept], areas[kept]
+    masks, scores, labels = masks[kept], scores[kept], labels[kept]
+    areas = mask_areas(masks)
+    final = torch.nonzero((areas > 0) & (scores.to(torch.float64) > params.score_threshold)).flatten()
+    final = final[: params.max_instances]
+    masks, scores, labels, areas = masks[final], scores[final], labels[final], areas[final]
 
     rles = encode_masks(masks.cpu())
     boxes = masks_to_boxes_xywh(masks).cpu().tolist()

@@ -6,10 +6,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import model.geometry as geometry
+
 from model.geometry import (
     Letterbox,
     letterbox_for,
     preprocess_image,
+    resample_argmax_to_image,
     resample_masks_to_image,
     resample_to_image,
     valid_grid_hw,
@@ -162,6 +165,32 @@ def test_resample_masks_equals_thresholded_resample(image_hw, size, grid):
     assert masks[-1].all()
     assert 0 < masks[:6].float().mean() < 1  # the smooth maps straddle the threshold
     assert resample_masks_to_image(torch.zeros(0, grid, grid), box, 0.5).shape == (0, *image_hw)
+
+
+@pytest.mark.parametrize(("image_hw", "size", "grid", "classes"),
+                         [((30, 50), 64, 16, 5), ((64, 64), 64, 16, 3), ((7, 300), 96, 12, 9), ((48, 64), 64, 8, 40)])
+def test_resample_argmax_equals_argmax_of_resample(image_hw, size, grid, classes, monkeypatch):
+    g = torch.Generator().manual_seed(grid + classes)
+    smooth = torch.nn.functional.interpolate(torch.randn(1, classes, 3, 3, generator=g), size=(grid, grid),
+                                             mode="bilinear")[0]
+    box = letterbox_for(image_hw, size)
+    for maps in (smooth, torch.randn(classes, grid, grid, generator=g)):
+        labels = resample_argmax_to_image(maps, box)
+        assert labels.dtype == torch.int64 and labels.shape == image_hw
+        expected = resample_to_image(maps.double(), box).argmax(dim=0)
+        assert torch.equal(labels, expected)
+        monkeypatch.setattr(geometry, "_CHUNK_ELEMENTS", 1)  # one cell per chunk
+        assert torch.equal(resample_argmax_to_image(maps, box), expected)
+        monkeypatch.undo()
+
+
+def test_resample_argmax_ties_go_to_the_lowest_index():
+    maps = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    maps[1] = maps[0]  # classes 0 and 1 tie everywhere, class 2 wins in places
+    labels = resample_argmax_to_image(maps, letterbox_for((20, 30), 32))
+    assert (labels == 0).any() and (labels == 2).any() and not (labels == 1).any()
+    with pytest.raises(ValueError, match="C >= 1"):
+        resample_argmax_to_image(torch.zeros(0, 8, 8), letterbox_for((20, 30), 32))
 
 
 def test_valid_grid_hw():
