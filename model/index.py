@@ -64,7 +64,7 @@ def list_images(image_dirs: Sequence[str | Path]) -> list[str]:
         if not found:
             raise ValueError(f"image folder has no images ({', '.join(IMAGE_EXTENSIONS)}): {image_dir}")
         paths.extend(found)
-    return paths
+    return list(dict.fromkeys(paths))  # a folder given twice, or inside another, contributes its images once
 
 
 @dataclass(frozen=True)
@@ -394,4 +394,7 @@ __all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGE_EXTENSIONS", "ImagePreprocess", "list
            "add_clip_arguments", "check_clip_file", "load_clip_from_arguments", "main"]
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except (FileNotFoundError, ValueError) as error:  # bad input: one readable line, no traceback
+        raise SystemExit(f"error: {error}") from None

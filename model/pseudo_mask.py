@@ -54,11 +54,21 @@ DEFAULT_KS = (2, 3, 4)
 
 # -- spectral clustering ---------------------------------------------------------------------------------------
 def _min_similarity(features: torch.Tensor) -> torch.Tensor:
-    """``min_ij f_i . f_j`` over all token pairs, in float32 row chunks of at most 2**22 products (never the
-    full N x N matrix)."""
-    f = features.float()
-    chunk = max(1, 2 ** 22 // f.shape[0])
-    return torch.stack([(f[s:s + chunk] @ f.T).min() for s in range(0, f.shape[0], chunk)]).min().to(features.dtype)
+    """``min_ij f_i . f_j`` over all token pairs, in the features' dtype.
+
+    The minimising pair is searched in float32 row chunks of at most 2**22 products (never the full N x N
+    matrix), then its product is recomputed in the features' own precision.
+    """
+    f32 = features.float()
+    chunk = max(1, 2 ** 22 // f32.shape[0])
+    best, best_i, best_j = math.inf, 0, 0
+    for start in range(0, f32.shape[0], chunk):
+        products = f32[start:start + chunk] @ f32.T
+        flat = int(products.argmin())
+        value = float(products.view(-1)[flat])
+        if value < best:
+            best, best_i, best_j = value, start + flat // f32.shape[0], flat % f32.shape[0]
+    return features[best_i] @ features[best_j]
 
 
 def spectral_embedding(features: torch.Tensor, k: int) -> torch.Tensor | None:
@@ -325,7 +335,7 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
 class ColourTextureFeatures:
     """Weight-free features: per-cell mean Lab colour and local lightness contrast, on a fine grid.
 
-    The image is divided into a grid with ``grid`` cells along its longer side (never finer than a pixel). Each
+    The image is divided into a grid with ``grid`` cells along its longer side (never finer than 2 px). Each
     cell holds ``[(Lab - image mean) / colour_scale, (contrast - image mean) / texture_scale, 1]`` where
     ``contrast`` is the standard deviation of L in a ``texture_window``-pixel box around each pixel, averaged
     over the cell. Centring and the constant last channel make the graph's cosine affinity a similarity kernel
@@ -350,7 +360,8 @@ class ColourTextureFeatures:
         mean_sq = F.avg_pool2d(padded ** 2, self.window, stride=1)
         contrast = (mean_sq - mean ** 2).clamp_min(0.0).sqrt()
         height, width = lab.shape[-2:]
-        cells = _fit_grid((width, height), min(self.grid, max(height, width)))
+        # No finer than 2 px per cell: the graph's 2x upsampling then gives at most one token per pixel.
+        cells = _fit_grid((width, height), min(self.grid, max(1, math.ceil(max(height, width) / 2))))
         colour = F.adaptive_avg_pool2d(lab[None], cells)[0]
         texture = F.adaptive_avg_pool2d(contrast, cells)[0]
         colour = (colour - colour.mean(dim=(1, 2), keepdim=True)) / self.colour_scale
@@ -622,4 +633,7 @@ __all__ = ["FeatureExtractor", "DEFAULT_KS", "spectral_embedding", "kmeans", "sp
            "generate_pseudo_masks", "load_pseudo_masks", "EXTRACTOR_NAMES", "main"]
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except (FileNotFoundError, ValueError) as error:  # bad input: one readable line, no traceback
+        raise SystemExit(f"error: {error}") from None

@@ -206,4 +206,7 @@ __all__ = ["RETRIEVAL", "RETRIEVAL_SCORES", "select_concepts", "encode_concepts"
            "load_retrieval", "main"]
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except (FileNotFoundError, ValueError) as error:  # bad input: one readable line, no traceback
+        raise SystemExit(f"error: {error}") from None

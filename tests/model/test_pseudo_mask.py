@@ -200,6 +200,7 @@ def test_colour_features_layout():
     torch.testing.assert_close(features[..., :4], torch.zeros(20, 30, 4), atol=1e-4, rtol=0)
     assert torch.all(features[..., 4] == 1.0)
     assert salient_mask(image, [ColourTextureFeatures(grid=30)]) is None  # no structure, no mask
+    assert ColourTextureFeatures(grid=64)(Image.new("RGB", (20, 11))).shape == (6, 10, 5)  # cells >= 2 px
 
 
 def test_clip_patch_features_shape():
