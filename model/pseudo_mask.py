@@ -481,7 +481,8 @@ def generate_pseudo_masks(paths: Iterable[str | Path], extractors: Mapping[str, 
     Args:
         paths: image files; duplicates are processed once. Images already in a shard of ``out_dir`` are skipped.
         extractors: named feature extractors; the names, ``ks`` and the numeric options form the settings every
-            shard records. A shard with other settings in ``out_dir`` raises ``ValueError``.
+            shard records. A shard with other settings in ``out_dir`` raises ``ValueError``. Only names are
+            compared, so when an extractor's weights may change, put their identity in its name.
         out_dir: created if needed; receives ``masks-NNNNN.json`` shards of up to ``shard_size`` images.
 
     Returns:
