@@ -131,6 +131,7 @@ def mask_nms(
         ``(K,)`` int64 indices into the inputs of the kept candidates, by descending score (ties by index),
         on the masks' device.
     """
+    _flatten_masks(masks)  # validates dtype and shape
     n = _check_candidates(masks, scores, labels)
     if strategy not in ("auto", "matrix", "greedy"):
         raise ValueError(f"unknown NMS strategy {strategy!r}; use 'auto', 'matrix' or 'greedy'")

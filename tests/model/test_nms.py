@@ -164,6 +164,8 @@ def test_mask_nms_empty_and_bad_input():
         mask_nms(masks, torch.ones(3), torch.ones(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="integer"):
         mask_nms(masks, torch.ones(2), torch.ones(2))
+    with pytest.raises(ValueError, match="bool"):
+        mask_nms(masks.float(), torch.ones(2), torch.ones(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="strategy"):
         mask_nms(masks, torch.ones(2), torch.ones(2, dtype=torch.int64), strategy="fast")
     with pytest.raises(ValueError, match="finite"):
