@@ -7,6 +7,7 @@ per-category greedy NMS loop with one numpy IoU per pair (reference §3.3-3.4). 
 instances; the script checks that before timing.
 
     MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python benchmarks/postprocess_bench.py [--images 5] [--repeats 3]
+        [--threads 1]
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=5, help="distinct synthetic images")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per image and path")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's; 1 gives steadier figures on a shared machine)")
+    # One thread by default: both paths then run single-threaded (the numpy loop always does), and on a shared
+    # machine OpenMP workers spinning for descheduled siblings make multi-threaded figures meaningless.
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     if args.threads:
