@@ -300,7 +300,7 @@ def train_clip(recipe: ClipRecipe, log: Callable[[str], None] = print,
     budget_s = None if recipe.steps is not None else recipe.minutes * 60.0
     total = recipe.steps if recipe.steps is not None else max(recipe.warmup_steps + 1, 200)  # re-estimated below
     curve: list[dict[str, Any]] = []
-    bar = _progress_bar(total, progress)
+    bar = _Progress(total, progress, log)
     start, eval_seconds, last_loss, estimated = time.perf_counter(), 0.0, float("nan"), False
     towers.visual.train()
     towers.text.train()
@@ -313,15 +313,13 @@ def train_clip(recipe: ClipRecipe, log: Callable[[str], None] = print,
             group["lr"] = lr
         last_loss = train_step(towers, logit_scale, optimizer, images_to_tensor(images, config), tokenizer(captions),
                                content_groups(contents), recipe.grad_clip)
-        bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.1e}", refresh=False)
         done = step + 1
         if budget_s is not None and done % 25 == 0 and (not estimated or done < total / 2):
             # wall-clock budget: (re-)estimate the step count from the speed so far, only in the run's first half
             elapsed = time.perf_counter() - start
             per_step = (elapsed - eval_seconds) / done
             total = max(done + 1, recipe.warmup_steps + 1, done + int((budget_s - elapsed) / per_step))
-            bar.total, estimated = total, True
+            estimated = True
         if done % recipe.eval_every == 0 or done == total:
             t0 = time.perf_counter()
             metrics = zero_shot_accuracy(towers, tokenizer, eval_images, eval_labels, world)
@@ -330,7 +328,8 @@ def train_clip(recipe: ClipRecipe, log: Callable[[str], None] = print,
                      "logit_scale": round(float(logit_scale.detach().exp()), 2),
                      **{k: round(v, 4) for k, v in metrics.items()}}
             curve.append(entry)
-            log(_format_eval(entry))
+            bar.write(_format_eval(entry))
+        bar.update(done, total, last_loss, lr)
     batches.close()
     bar.close()
     seconds = time.perf_counter() - start
@@ -381,12 +380,41 @@ def _format_eval(e: dict[str, Any]) -> str:
             f"colour {e['acc_colour']:.3f}, shape {e['acc_shape']:.3f})")
 
 
-def _progress_bar(total: int, enabled: bool):
-    from tqdm import tqdm
+class _Progress:
+    """A tqdm bar (with ETA) on a terminal; otherwise a plain ``log`` line every ``every_s`` seconds, so that log
+    files stay readable."""
 
-    interactive = sys.stderr.isatty()
-    return tqdm(total=total, disable=not enabled, unit="step", dynamic_ncols=interactive,
-                mininterval=0.5 if interactive else 30.0)
+    def __init__(self, total: int, enabled: bool, log: Callable[[str], None], every_s: float = 30.0) -> None:
+        self.enabled, self.log, self.every_s = enabled, log, every_s
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+
+    def update(self, done: int, total: int, loss: float, lr: float) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", refresh=False)
+        elif self.enabled and time.perf_counter() - self.last >= self.every_s:
+            self.last = time.perf_counter()
+            per_step = (self.last - self.start) / done
+            eta = int(per_step * (total - done))
+            self.log(f"step {done}/{total}  {per_step:.2f} s/step  ETA {eta // 60}:{eta % 60:02d}  "
+                     f"loss {loss:.3f}  lr {lr:.1e}")
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.clear()
+        self.log(line)
+        if self.bar is not None:
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
