@@ -53,9 +53,14 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/zut
 # Numeric, so that runtimes (Kubernetes runAsNonRoot) can verify it is not root without reading /etc/passwd.
 USER 10001:10001
 
+# The allocator and OpenMP settings matter on CPU (steady, several times faster steps; docs/benchmarks.md) and
+# are harmless on GPU.
 ENV ZUTIS_HOST=0.0.0.0 \
     ZUTIS_PORT=8000 \
-    ZUTIS_CHECKPOINT=/app/weights/zutis-shapes.safetensors
+    ZUTIS_CHECKPOINT=/app/weights/zutis-shapes.safetensors \
+    MALLOC_MMAP_THRESHOLD_=33554432 \
+    MALLOC_TRIM_THRESHOLD_=1073741824 \
+    OMP_WAIT_POLICY=PASSIVE
 EXPOSE 8000
 
 # Healthy means ready: /readyz answers 200 only once the model is loaded and warmed up, and 503 again while the

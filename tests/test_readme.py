@@ -1,0 +1,24 @@
+"""README.md stays true: every setting is documented, and the test command is the one CI runs."""
+
+import re
+from pathlib import Path
+
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    missing = [f"ZUTIS_{name.upper()}" for name in Settings.model_fields if f"`ZUTIS_{name.upper()}`" not in readme]
+    assert not missing, f"README.md does not document {missing}"
+    documented = set(re.findall(r"`(ZUTIS_[A-Z_]+)`", readme))
+    known = {f"ZUTIS_{n.upper()}" for n in Settings.model_fields}
+    assert documented <= known, f"README.md documents unknown settings {sorted(documented - known)}"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = next(line for line in readme.splitlines() if "pytest" in line and line.startswith("python3 -m venv"))
+    assert command in ci.splitlines()
