@@ -8,7 +8,9 @@ place only when complete, so an interrupted build is never mistaken for a finish
 Fingerprints: a file is hashed by content (SHA-256); an image folder by the sorted list of its files' relative
 paths, sizes and modification times (hashing the content of millions of images would take longer than the stage).
 
-``prepare_training_data`` runs the ZUTIS chain for ``model.train`` from a ``DataConfig``.
+``prepare_training_data`` runs the ZUTIS chain for ``model.train`` from a ``DataConfig``. ``prepare_world`` builds
+what a run "from nothing" starts with (``WorldConfig``: the shapes world's unlabelled index, validation and test
+scenes, and its tiny CLIP pre-trained on all concepts), as stages too.
 """
 
 from __future__ import annotations
@@ -67,6 +69,83 @@ class DataConfig:
                              f"known: {sorted(_PSEUDO_MASK_KEYS)}")
         if self.retrieval_n < 1:
             raise ValueError(f"data.retrieval_n must be positive, got {self.retrieval_n}")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """A synthetic world built from nothing (the ``world`` section of a config; ``model.shapes``).
+
+    Stages: an unlabelled index of ``index_images`` scenes (``model.shapes.dataset.write_index``, hidden truth
+    beside it), ``val_scenes`` and ``test_scenes`` held-out evaluation scenes with 1-8 objects (separate seeds,
+    so disjoint random streams; validation picks the exported score threshold, test gives the reported
+    metrics), and a tiny CLIP pre-trained on all concepts with the recipe ``clip_recipe`` (its ``minutes`` or
+    ``steps`` overridden by ``clip_minutes`` / ``clip_steps``, ``steps`` winning). ``train_split`` ("seen" or
+    "all") picks the training concepts; ``masks`` "pseudo" (the method) or "truth" (the oracle: the index's
+    generator masks in place of pseudo-masks). Images are ``scene_size`` px squares.
+    """
+
+    clip_recipe: str
+    clip_minutes: float | None = None
+    clip_steps: int | None = None
+    clip_seed: int = 0
+    index_images: int = 6000
+    index_seed: int = 0
+    val_scenes: int = 200
+    val_seed: int = 1
+    test_scenes: int = 500
+    test_seed: int = 2
+    scene_size: int = 128
+    train_split: str = "seen"
+    masks: str = "pseudo"
+
+    def __post_init__(self) -> None:
+        if self.train_split not in ("seen", "all"):
+            raise ValueError(f"world.train_split must be 'seen' or 'all', got {self.train_split!r}")
+        if self.masks not in ("pseudo", "truth"):
+            raise ValueError(f"world.masks must be 'pseudo' or 'truth', got {self.masks!r}")
+        if min(self.index_images, self.val_scenes, self.test_scenes) < 1:
+            raise ValueError("world.index_images, val_scenes and test_scenes must be positive")
+        if not Path(self.clip_recipe).is_file():
+            raise FileNotFoundError(f"world.clip_recipe: file not found: {self.clip_recipe}")
+
+
+@dataclass(frozen=True)
+class World:
+    """The paths ``prepare_world`` built: CLIP file, index images + hidden truth, val/test scene folders (each
+    with ``images/``, ``labels/`` and ``instances.json``)."""
+
+    clip_weights: Path
+    index_images: Path
+    index_truth: Path
+    val_dir: Path
+    test_dir: Path
+
+
+def prepare_world(world: WorldConfig, cache_dir: str | Path, log: Callable[[str], None] = print) -> World:
+    """Run (or reuse) the world's four stages; each is keyed by its own parameters only (the renderer is code:
+    a change to it needs a new cache directory). The CLIP stage is keyed by the recipe file's content."""
+    from model.shapes import dataset
+
+    cache_dir = Path(cache_dir)
+    size = world.scene_size
+    index = run_stage(cache_dir, "shapes_index", {"n": world.index_images, "seed": world.index_seed, "size": size},
+                      lambda out: dataset.write_index(out, world.index_images, world.index_seed, size=size), log)
+    scenes = {}
+    for split, n, seed in (("val", world.val_scenes, world.val_seed), ("test", world.test_scenes, world.test_seed)):
+        scenes[split] = run_stage(cache_dir, f"shapes_{split}", {"n": n, "seed": seed, "size": size},
+                                  lambda out, n=n, seed=seed: dataset.write_eval_scenes(out, n, seed, size=size), log)
+    clip_inputs = {"recipe": json.loads(Path(world.clip_recipe).read_text()), "minutes": world.clip_minutes,
+                   "steps": world.clip_steps, "seed": world.clip_seed}
+
+    def build_clip(out: Path) -> None:
+        from model.shapes.clip_pretrain import pretrain_clip
+
+        pretrain_clip(world.clip_recipe, out / "clip.safetensors", minutes=world.clip_minutes,
+                      steps=world.clip_steps, seed=world.clip_seed, log=log)
+
+    clip_dir = run_stage(cache_dir, "shapes_clip", clip_inputs, build_clip, log)
+    return World(clip_dir / "clip.safetensors", index / "images", index / "truth" / "instances.json",
+                 scenes["val"], scenes["test"])
 
 
 @dataclass
@@ -317,5 +396,5 @@ def wait_for_stage(cache_dir: str | Path, name: str, inputs: dict[str, Any], pol
     return final
 
 
-__all__ = ["DataConfig", "TrainingData", "prepare_training_data", "validate_data_inputs", "file_digest",
+__all__ = ["DataConfig", "WorldConfig", "World", "prepare_world", "TrainingData", "prepare_training_data", "validate_data_inputs", "file_digest",
            "folder_fingerprint", "stage_key", "stage_dir", "is_done", "run_stage", "wait_for_stage"]

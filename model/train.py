@@ -3,14 +3,18 @@
 Reads top to bottom: config -> setup -> model -> data stages -> one loop (log, checkpoint) -> export.
 The same script runs under ``torchrun`` (DDP, one process per GPU; only rank 0 writes).
 
+- World (optional ``world`` section, ``model.stages.WorldConfig``): a run from nothing first builds its images,
+  held-out scenes and CLIP (the shapes world) as cached stages, which fill in ``clip_weights``, ``data.index_dirs``,
+  ``eval`` and ``val``.
 - Data stages (``model.stages``): image index -> top-n retrieval per concept -> pseudo-masks, each cached in a
   directory keyed by a content hash of its inputs, so a re-run (or ``--resume``) skips finished stages. A config
   may instead give a finished retrieval JSON, a pseudo-mask folder, or ground-truth masks (the "oracle").
 - Resume: the training state (model, AdamW, step, RNGs) is written atomically every ``checkpoint_every`` steps.
   The learning rate and the data stream are pure functions of the step, so ``--resume`` continues exactly as an
   uninterrupted run (bitwise on CPU).
-- Export: the service's checkpoint format (``model.checkpoint``) with provenance (command, git commit, date, data,
-  config) and, when an eval set is configured, its metrics.
+- Export: the service's checkpoint format (``model.checkpoint``, at ``export_path``) with provenance (command, git
+  commit, date, data, config, stage timings); with a ``val`` set, the score threshold chosen on it
+  (``model.threshold``); with an ``eval`` set, its metrics (over ``eval.subsets`` too).
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from model.config import ModelConfig
+from model.config import InferenceParams, ModelConfig
 from model.copy_paste import CopyPasteDataset, StepBatchSampler, SynthesisParams, collate_samples
 from model.criterion import compute_losses
-from model.stages import DataConfig, prepare_training_data
+from model.stages import DataConfig, World, WorldConfig, prepare_training_data, prepare_world
 from model.training_state import load_training_state, save_training_state
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -69,13 +73,15 @@ class EvalConfig:
     (``annotations``) with ``image_dir`` and optional semantic PNGs (``label_dir``), or, without ``annotations``,
     an image folder + label-PNG folder whose class k is vocabulary concept k (``model.evaluate``)."""
 
-    image_dir: str
+    image_dir: str = ""  # a config with a world section leaves the paths to it
     annotations: str | None = None
     label_dir: str | None = None
     max_images: int | None = None
+    subsets: dict[str, list[str]] | None = None  # {"unseen": [concepts]}: metrics over these classes too
+    score_threshold: float | None = None  # None: the exported default; AP wants a low floor (the release: 0.001)
 
     def __post_init__(self) -> None:
-        if self.annotations is None and self.label_dir is None:
+        if self.image_dir and self.annotations is None and self.label_dir is None:
             raise ValueError("eval needs 'annotations' (COCO JSON) or 'label_dir' (semantic label PNGs)")
 
 
@@ -91,13 +97,24 @@ class TrainConfig:
     out_dir: str = "runs/zutis"
     description: str = ""
     cache_dir: str | None = None  # stage outputs; default <out_dir>/stages
+    world: WorldConfig | None = None
+    val: EvalConfig | None = None  # COCO scenes the exported score threshold is chosen on
+    export_path: str | None = None  # default <out_dir>/model.safetensors
+    export_dtype: str = "float32"  # or "float16": half the file, loaded back as float32
+    export_vocabulary: tuple[str, ...] | None = None  # the checkpoint's default concepts; default: vocabulary
+    inference: dict[str, Any] = field(default_factory=dict)  # InferenceParams defaults stored in the checkpoint
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         d = dict(d)
         _reject_unknown(d, cls, "config")
         model = ModelConfig.from_dict(d["model"])
-        vocab = d["vocabulary"]
+        world = _section(WorldConfig, d["world"], "world") if d.get("world") else None
+        if world is None and "clip_weights" not in d:
+            raise ValueError("config needs 'clip_weights' (or a 'world' section that pre-trains one)")
+        vocab = d.get("vocabulary") or (_world_concepts(world.train_split) if world else None)
+        if vocab is None:
+            raise ValueError("config needs 'vocabulary' (or a 'world' section whose split provides it)")
         if isinstance(vocab, str):
             from model.data import load_vocabulary
 
@@ -110,16 +127,58 @@ class TrainConfig:
         synth.setdefault("image_mean", model.image_mean)
         synth.setdefault("image_std", model.image_std)
         data = _section(DataConfig, d.get("data", {}), "data")
-        return cls(model=model, clip_weights=d["clip_weights"], vocabulary=tuple(vocab), data=data,
+        export_vocab = d.get("export_vocabulary") or (_world_concepts("all") if world else None)
+        if d.get("export_dtype", "float32") not in _EXPORT_DTYPES:
+            raise ValueError(f"export_dtype must be one of {sorted(_EXPORT_DTYPES)}, got {d['export_dtype']!r}")
+        InferenceParams.from_dict(d.get("inference", {}))  # validates names and values now
+        return cls(model=model, clip_weights=d.get("clip_weights", ""), vocabulary=tuple(vocab), data=data,
                    synthesis=SynthesisParams.from_dict(synth), optim=_section(OptimConfig, d.get("optim", {}), "optim"),
                    eval=_section(EvalConfig, d["eval"], "eval") if d.get("eval") else None,
                    out_dir=d.get("out_dir", cls.out_dir), cache_dir=d.get("cache_dir"),
-                   description=d.get("description", ""))
+                   description=d.get("description", ""), world=world,
+                   val=_section(EvalConfig, d["val"], "val") if d.get("val") else None,
+                   export_path=d.get("export_path"), export_dtype=d.get("export_dtype", "float32"),
+                   export_vocabulary=tuple(export_vocab) if export_vocab else None,
+                   inference=dict(d.get("inference", {})))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["model"] = self.model.to_dict()
         return json.loads(json.dumps(out))
+
+
+_EXPORT_DTYPES = {"float32": None, "float16": torch.float16}
+
+
+def _world_concepts(split: str) -> list[str]:
+    from model.shapes.world import ShapesWorld
+
+    world = ShapesWorld()
+    return [world.concept_name(i) for i in world.split_ids(split)]
+
+
+def with_world(cfg: TrainConfig, world: World) -> TrainConfig:
+    """``cfg`` with the paths the world's stages built: CLIP, index (and its truth for ``masks: "truth"``), the
+    test scenes as ``eval`` (seen/unseen subsets, unless the config gives an eval section) and the validation
+    scenes as ``val``."""
+    from model.shapes.world import ShapesWorld
+
+    shapes = ShapesWorld()
+    data = dataclasses.replace(
+        cfg.data, index_dirs=(str(world.index_images),),
+        ground_truth={"annotations": str(world.index_truth), "image_dir": str(world.index_images)}
+        if cfg.world.masks == "truth" else cfg.data.ground_truth)
+    subsets = {s: [shapes.concept_name(i) for i in shapes.split_ids(s)] for s in ("seen", "unseen")}
+
+    def scenes(folder: Path, given: EvalConfig | None, **kw: Any) -> EvalConfig:
+        return EvalConfig(image_dir=str(folder / "images"), annotations=str(folder / "instances.json"),
+                          label_dir=str(folder / "labels"),
+                          **({"max_images": given.max_images, "score_threshold": given.score_threshold}
+                             if given else {}), **kw)
+
+    return dataclasses.replace(cfg, clip_weights=str(world.clip_weights), data=data,
+                               eval=scenes(world.test_dir, cfg.eval, subsets=subsets),
+                               val=scenes(world.val_dir, cfg.val))
 
 
 def _reject_unknown(d: dict[str, Any], cls: type, where: str) -> None:
@@ -150,12 +209,16 @@ def validate_inputs(cfg: TrainConfig) -> None:
     if not Path(cfg.clip_weights).is_file():
         raise FileNotFoundError(f"clip_weights: file not found: {cfg.clip_weights}")
     validate_data_inputs(cfg.data, cfg.clip_weights)
-    if cfg.eval:
-        checks = [("eval.image_dir", cfg.eval.image_dir, Path.is_dir)]
-        if cfg.eval.annotations:
-            checks.append(("eval.annotations", cfg.eval.annotations, Path.is_file))
-        if cfg.eval.label_dir:
-            checks.append(("eval.label_dir", cfg.eval.label_dir, Path.is_dir))
+    for name, e in (("eval", cfg.eval), ("val", cfg.val)):
+        if e is None:
+            continue
+        if name == "val" and not e.annotations:
+            raise ValueError("val needs 'annotations' (COCO JSON): the score threshold is chosen on instances")
+        checks = [(f"{name}.image_dir", e.image_dir, Path.is_dir)]
+        if e.annotations:
+            checks.append((f"{name}.annotations", e.annotations, Path.is_file))
+        if e.label_dir:
+            checks.append((f"{name}.label_dir", e.label_dir, Path.is_dir))
         for what, p, exists in checks:
             if not exists(Path(p)):
                 raise FileNotFoundError(f"{what}: not found: {p}")
@@ -306,23 +369,60 @@ def encode_vocabulary(text_tower: torch.nn.Module, cfg: TrainConfig) -> torch.Te
 
 def export(path: Path, model: torch.nn.Module, text_tower: torch.nn.Module, cfg: TrainConfig,
            provenance: dict[str, Any], device: torch.device, log) -> Path:
-    """Write the service checkpoint; with an eval set, evaluate it and store the metrics in its provenance."""
+    """Write the service checkpoint; with a ``val`` set, choose its score threshold there (``model.threshold``);
+    with an ``eval`` set, evaluate it and store the metrics (and timings) in its provenance."""
     from model.checkpoint import CheckpointMetadata, save_checkpoint
+    from model.evaluate import evaluate_checkpoint, load_coco_dataset, load_label_folder_dataset
+    from model.threshold import choose_score_threshold, match_detections, operating_points
 
-    metadata = CheckpointMetadata(model_id=path.parent.name or "zutis", model_config=cfg.model,
-                                  vocabulary=["background", *cfg.vocabulary], provenance=provenance)
-    save_checkpoint(path, model, text_tower, metadata)
+    metadata = CheckpointMetadata(model_id=path.stem if cfg.export_path else (path.parent.name or "zutis"),
+                                  model_config=cfg.model,
+                                  vocabulary=["background", *(cfg.export_vocabulary or cfg.vocabulary)],
+                                  inference=InferenceParams.from_dict(cfg.inference), provenance=provenance)
+    timings = provenance.setdefault("timings_seconds", {})
+
+    def save() -> None:
+        save_checkpoint(path, model, text_tower, metadata, dtype=_EXPORT_DTYPES[cfg.export_dtype])
+
+    def load(e: EvalConfig) -> Any:
+        return load_coco_dataset(e.annotations, e.image_dir, e.label_dir) if e.annotations else \
+            load_label_folder_dataset(e.image_dir, e.label_dir, cfg.export_vocabulary or cfg.vocabulary)
+
+    save()
+    if cfg.val is not None:
+        start = time.monotonic()
+        val = load(cfg.val)
+        log(f"choosing the score threshold on {len(val)} validation images")
+        # one pass with the lowest candidate as floor; higher floors only drop detections (model.threshold)
+        run = evaluate_checkpoint(path, val, device=str(device), max_images=cfg.val.max_images,
+                                  score_threshold=0.001)
+        threshold, points = choose_score_threshold(val.coco, run.results)
+        metadata.inference = metadata.inference.with_overrides(score_threshold=threshold)
+        metadata.provenance["score_threshold"] = {
+            "chosen": threshold, "criterion": "max instance F1 at mask IoU 0.5", "val_images": run.report["num_images"],
+            "val_dir": cfg.val.image_dir, "points": points}
+        timings["choose_threshold"] = round(time.monotonic() - start, 1)
+        log(f"score threshold {threshold} (val F1 {max(p['f1'] for p in points):.3f})")
+        save()
     if cfg.eval is not None:
-        from model.evaluate import evaluate_checkpoint, load_coco_dataset, load_label_folder_dataset
-
+        start = time.monotonic()
         e = cfg.eval
-        dataset = load_coco_dataset(e.annotations, e.image_dir, e.label_dir) if e.annotations else \
-            load_label_folder_dataset(e.image_dir, e.label_dir, cfg.vocabulary)
+        dataset = load(e)
         log(f"evaluating {path} on {len(dataset)} images")
-        evaluation = evaluate_checkpoint(path, dataset, device=str(device), max_images=cfg.eval.max_images)
-        metadata.provenance["metrics"] = evaluation.report
-        save_checkpoint(path, model, text_tower, metadata)
-        log("metrics: " + json.dumps(evaluation.report, default=str)[:2000])
+        overrides = {} if e.score_threshold is None else {"score_threshold": e.score_threshold}
+        evaluation = evaluate_checkpoint(path, dataset, device=str(device), max_images=e.max_images,
+                                         subsets=e.subsets, **overrides)
+        report = dict(evaluation.report)
+        report.pop("concepts", None)
+        for subset in report.get("subsets", {}).values():
+            subset.pop("concepts", None)
+        if dataset.coco is not None:
+            report["operating_point"] = operating_points(*match_detections(dataset.coco, evaluation.results),
+                                                         [metadata.inference.score_threshold])[0]
+        metadata.provenance["metrics"] = report
+        timings["evaluate"] = round(time.monotonic() - start, 1)
+        save()
+        log("metrics: " + json.dumps(report, default=str)[:2000])
     return path
 
 
@@ -331,7 +431,8 @@ def export(path: Path, model: torch.nn.Module, text_tower: torch.nn.Module, cfg:
 # ---------------------------------------------------------------------------------------------------------------
 
 # Settings that may change between an interrupted run and its --resume without changing the result.
-_RESUME_MAY_CHANGE = ("out_dir", "cache_dir", "num_workers", "log_every", "checkpoint_every", "eval", "description")
+_RESUME_MAY_CHANGE = ("out_dir", "cache_dir", "num_workers", "log_every", "checkpoint_every", "eval", "val",
+                      "description", "export_path", "export_dtype", "export_vocabulary", "inference")
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -364,7 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out or cfg.out_dir)
     cfg = dataclasses.replace(cfg, out_dir=str(out_dir))
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "stages"
-    validate_inputs(cfg)
+    if cfg.world is None:
+        validate_inputs(cfg)  # a world's inputs exist only once its stages have run (below)
     state_path = out_dir / "train_state.pt"
     if args.resume and not state_path.is_file():
         raise FileNotFoundError(f"--resume: no training state at {state_path}")
@@ -383,6 +485,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     log(f"rank {dist.rank}/{dist.world_size} on {device}; run directory {out_dir}")
+    timings: dict[str, float] = {}
+    clock = time.monotonic()
+
+    # -- world: a run from nothing builds its images, held-out scenes and CLIP first (cached stages)
+    if cfg.world is not None:
+        if dist.world_size > 1:
+            raise ValueError("a 'world' section builds its stages in one process: run it once without torchrun")
+        cfg = with_world(cfg, prepare_world(cfg.world, cache_dir, log))
+        validate_inputs(cfg)
+        timings["world"], clock = round(time.monotonic() - clock, 1), time.monotonic()
 
     # -- model: built before the data stages, so a CLIP file that does not fit fails now, not hours later, and the
     # random head initialisation does not depend on whether the stages were cached
@@ -392,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # -- data
     data = prepare_training_data(cfg.data, cfg.vocabulary, cfg.clip_weights, cfg.model, cache_dir, device,
                                  is_main=dist.main, log=log)
+    timings["data"], clock = round(time.monotonic() - clock, 1), time.monotonic()
     if args.stages_only:
         return 0
     dataset = CopyPasteDataset(data.retrieval, cfg.vocabulary, data.annotations, cfg.synthesis, cfg.optim.seed)
@@ -462,6 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dist.main and (step % o.checkpoint_every == 0 or step == stop):
             save_training_state(state_path, model, optimizer, step, extra={"config": cfg.to_dict()})
     bar.close()
+    timings["train"], clock = round(time.monotonic() - clock, 1), time.monotonic()
     if dist.world_size > 1:  # leave the group before exporting: a long evaluation must not hit a collective timeout
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -470,8 +584,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if step >= o.steps and dist.main:
         provenance = {"command": command, "git": git_commit(), "cwd": os.getcwd(),
                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "data": data.provenance,
-                      "config": cfg.to_dict(), "steps": step, "world_size": dist.world_size}
-        path = export(out_dir / "model.safetensors", model, text_tower, cfg, provenance, device, log)
+                      "config": cfg.to_dict(), "steps": step, "world_size": dist.world_size,
+                      "timings_seconds": timings}
+        path = Path(cfg.export_path) if cfg.export_path else out_dir / "model.safetensors"
+        path = export(path, model, text_tower, cfg, provenance, device, log)
         log(f"exported {path}")
     return 0
 
