@@ -19,7 +19,8 @@ MiB = 1024 * 1024
 class Settings(BaseSettings):
     """Model, batching, limits, security and server settings (environment prefix ``ZUTIS_``)."""
 
-    model_config = SettingsConfigDict(env_prefix="ZUTIS_", extra="forbid", frozen=True)
+    # Empty variables count as unset: compose files pass ZUTIS_* through from the shell, empty when not set there.
+    model_config = SettingsConfigDict(env_prefix="ZUTIS_", env_ignore_empty=True, extra="forbid", frozen=True)
 
     # -- model ------------------------------------------------------------------------------------------------
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint file (our safetensors format); a relative "

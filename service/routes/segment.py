@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, Literal
+from typing import Annotated, BinaryIO, Literal
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
+from model.config import InferenceParams
 from model.predictor import Predictor
 from model.schema import SegmentResponse, SemanticFormat
 from service.auth import ApiKey
@@ -66,8 +67,9 @@ async def segment(
             raise ServiceError("invalid_request", str(exc)) from None
         if params.max_instances > settings.max_instances:
             params = params.with_overrides(max_instances=settings.max_instances)
-        data = await image.read()
-        job = await engine.run_in_pool(_prepare_job, predictor, engine, data, names, params, semantic,
+        # The upload is read in the pool: only the jobs being decoded hold image bytes in memory; waiting ones keep
+        # Starlette's spooled file (at most 1 MB in memory, the rest on disk).
+        job = await engine.run_in_pool(_prepare_job, predictor, engine, image.file, names, params, semantic,
                                        settings.max_image_pixels, arrived, deadline)
         answer = await _await_answer(request, engine, job, settings.request_timeout_s)
     return Response(answer.body, media_type="application/json", headers={
@@ -79,10 +81,12 @@ async def segment(
     })
 
 
-def _prepare_job(predictor: Predictor, engine: Engine, data: bytes, concepts: list[str], params,
-                 semantic: SemanticFormat, max_pixels: int, arrived: float, deadline: float) -> Job:
-    """Pool thread: decode and letterbox the image, fetch the concepts' text embeddings (cached)."""
-    image = decode_image(data, max_pixels)
+def _prepare_job(predictor: Predictor, engine: Engine, upload: BinaryIO, concepts: list[str],
+                 params: InferenceParams, semantic: SemanticFormat, max_pixels: int, arrived: float,
+                 deadline: float) -> Job:
+    """Pool thread: read, decode and letterbox the image, fetch the concepts' text embeddings (cached)."""
+    upload.seek(0)
+    image = decode_image(upload.read(), max_pixels)
     prepared = predictor.prepare(image)
     vocabulary, text_embeddings = predictor.encode_concepts(concepts, engine.cache)
     return Job(prepared=prepared, vocabulary=vocabulary, text_embeddings=text_embeddings, params=params,

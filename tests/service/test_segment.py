@@ -7,7 +7,6 @@ import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -49,6 +48,9 @@ def test_segment_answers_the_shared_schema_and_matches_the_predictor(make_client
     reference = predictor.predict([Image.open(io.BytesIO(image))], ["dog", "cat"], mask_threshold=MASK_THRESHOLD)[0]
     expected = json.loads(build_response(reference, predictor.model_id, "png").model_dump_json())
     assert without_timings(body) == without_timings(expected)
+
+    schema = client.get("/openapi.json").json()["paths"]["/segment"]["post"]["responses"]["200"]
+    assert schema["content"]["application/json"]["schema"]["$ref"].endswith("/SegmentResponse")  # /docs shows it
 
     semantic = decode_semantic_png(body["semantic"]["png"])
     assert semantic.shape == (37, 53)

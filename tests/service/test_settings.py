@@ -19,6 +19,8 @@ def test_settings_read_the_zutis_environment(monkeypatch, tmp_path):
     assert settings.checkpoint == tmp_path / "x.safetensors"
     assert Settings(max_batch_size=5).max_batch_size == 5  # explicit arguments win
     assert str(Settings().api_key) != "k"  # never printed
+    monkeypatch.setenv("ZUTIS_MAX_BATCH_SIZE", "")  # compose passes unset variables through as empty
+    assert Settings().max_batch_size == 8
 
 
 def test_bad_settings_are_refused(monkeypatch):
