@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from model.config import ModelConfig
+from model.index import CLIP_MEAN, CLIP_STD
 
 DONE = "DONE"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
@@ -246,8 +247,11 @@ def _retrieval_stages(data: DataConfig, vocabulary: Sequence[str], clip_weights:
                       cache_dir: Path, device: torch.device, is_main: bool, log: Callable[[str], None]) -> Path:
     """index -> retrieval, each cached by content key; returns the retrieval stage directory."""
     weights, arch = _retrieval_clip(data, clip_weights, model_config)
+    mean, std = clip_normalisation(weights)
     index_inputs = {"image_dirs": {d: folder_fingerprint(d) for d in data.index_dirs},
                     "clip_weights": file_digest(weights), "clip_model": arch}
+    if (mean, std) != (CLIP_MEAN, CLIP_STD):  # only then, so that existing index caches keep their keys
+        index_inputs["normalisation"] = {"mean": list(mean), "std": list(std)}
     retrieval_inputs = {"index": stage_key(index_inputs), "concepts": list(vocabulary), "n": data.retrieval_n,
                         "templates": data.retrieval_templates}
 
@@ -257,7 +261,7 @@ def _retrieval_stages(data: DataConfig, vocabulary: Sequence[str], clip_weights:
     def build_index(out: Path) -> None:
         from model.index import build_index as build
 
-        build(list(data.index_dirs), clip(), out, model_id=Path(weights).name)
+        build(list(data.index_dirs), clip(), out, model_id=Path(weights).name, mean=mean, std=std)
 
     def build_retrieval(out: Path) -> None:
         from model.prompts import PROMPT_TEMPLATES
@@ -291,6 +295,21 @@ def _pseudo_mask_stage(data: DataConfig, retrieval: dict[str, list[str]], clip_w
         generate_pseudo_masks(paths, extractors, out, **options)
 
     return _stage(cache_dir, "pseudo_masks", inputs, build, is_main, log)
+
+
+def clip_normalisation(path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel (mean, std) a CLIP file was trained with, which its index must use too: our own CLIP
+    files (``zutis-clip/1`` safetensors, e.g. the shapes world's, pre-trained on inputs normalised with their
+    ModelConfig's ``image_mean`` / ``image_std``) carry theirs; OpenAI / open_clip files use CLIP's."""
+    if Path(path).suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") == "zutis-clip/1" and "model_config" in meta:
+            config = ModelConfig.from_json(meta["model_config"])
+            return tuple(config.image_mean), tuple(config.image_std)
+    return tuple(CLIP_MEAN), tuple(CLIP_STD)
 
 
 def _retrieval_clip(data: DataConfig, clip_weights: str, model_config: ModelConfig) -> tuple[str, dict | None]:
@@ -397,4 +416,4 @@ def wait_for_stage(cache_dir: str | Path, name: str, inputs: dict[str, Any], pol
 
 
 __all__ = ["DataConfig", "WorldConfig", "World", "prepare_world", "TrainingData", "prepare_training_data", "validate_data_inputs", "file_digest",
-           "folder_fingerprint", "stage_key", "stage_dir", "is_done", "run_stage", "wait_for_stage"]
+           "folder_fingerprint", "clip_normalisation", "stage_key", "stage_dir", "is_done", "run_stage", "wait_for_stage"]

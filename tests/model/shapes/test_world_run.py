@@ -71,6 +71,19 @@ def test_world_stages_are_built_once_and_keyed_by_their_inputs(built):
     assert more.test_dir != first.test_dir and more.clip_weights == first.clip_weights
 
 
+def test_index_uses_the_normalisation_its_clip_was_trained_with(tmp_path):
+    from model.backbone import build_text_tower, build_vision_tower
+    from model.clip_weights import ClipTowers, save_clip
+    from model.index import CLIP_MEAN, CLIP_STD
+    from model.stages import clip_normalisation
+
+    config = tiny_test_config(image_mean=(0.1, 0.2, 0.3), image_std=(0.5, 0.6, 0.7))
+    save_clip(tmp_path / "ours.safetensors", ClipTowers(config, build_vision_tower(config), build_text_tower(config)))
+    assert clip_normalisation(tmp_path / "ours.safetensors") == ((0.1, 0.2, 0.3), (0.5, 0.6, 0.7))
+    (tmp_path / "openai.pt").write_bytes(b"")
+    assert clip_normalisation(tmp_path / "openai.pt") == (CLIP_MEAN, CLIP_STD)
+
+
 def test_world_section_validation_names_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="clip_recipe"):
         WorldConfig(clip_recipe=str(tmp_path / "missing.json"))
