@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 from types import FrameType
+from typing import Callable
 
 import uvicorn
 
@@ -21,7 +22,7 @@ from service.settings import Settings
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, turning the engine's readiness off as soon as a shutdown signal arrives."""
 
-    def __init__(self, config: uvicorn.Config, on_signal) -> None:
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]) -> None:
         super().__init__(config)
         self._on_signal = on_signal
 

@@ -32,10 +32,10 @@ def _no_zutis_environment(monkeypatch):
         monkeypatch.delenv(key)
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="package")
 def _one_torch_thread():
     # The CPU is shared with other processes; two OpenMP threads on a busy 2-core machine make a tiny forward
-    # pass 10-100x slower and erratic. Restored afterwards for the rest of the session.
+    # pass 10-100x slower and erratic. Restored after this package's tests.
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
