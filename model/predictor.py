@@ -140,9 +140,12 @@ class Predictor:
         return vocabulary, cache.get_many(self.model_id, templates, vocabulary, self._encode_text)
 
     def _encode_text(self, names: list[str]) -> torch.Tensor:
+        # One concept per call: like the image side, the text tower's GEMMs pick kernels by batch size, and a
+        # concept's embedding must not depend on which other concepts happened to miss the cache with it.
+        templates = self.metadata.prompt_templates
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype,
                                                     enabled=self.dtype != torch.float32):
-            return self.text_encoder.encode(names, self.metadata.prompt_templates).float()
+            return torch.cat([self.text_encoder.encode([name], templates).float() for name in names])
 
     def postprocess(self, output: ZUTISOutput, index: int, prepared: PreparedImage, vocabulary: list[str],
                     text_embeddings: torch.Tensor, params: InferenceParams, semantic: bool = True) -> Prediction:

@@ -98,19 +98,9 @@ def promql(prometheus_port: int, query: str) -> dict:
 
 def tiny_checkpoint(directory: Path) -> Path:
     """A tiny randomly initialised checkpoint in the service's format, written to `directory`."""
-    import torch
+    from tests.model.conftest import make_tiny_checkpoint
 
-    from model.checkpoint import CheckpointMetadata, save_checkpoint
-    from model.config import InferenceParams, tiny_test_config
-    from model.network import ZUTIS
-    from model.text import TextEncoder
-
-    torch.manual_seed(0)
-    config = tiny_test_config()
-    metadata = CheckpointMetadata(model_id="tiny-deploy-test", model_config=config,
-                                  vocabulary=["background", "square", "circle"],
-                                  inference=InferenceParams(score_threshold=0.0))
-    return save_checkpoint(directory / "tiny.safetensors", ZUTIS(config), TextEncoder(config).tower, metadata)
+    return make_tiny_checkpoint(directory / "tiny.safetensors")
 
 
 def png_image(height: int, width: int, seed: int) -> bytes:

@@ -90,3 +90,10 @@ def test_predictor_dtype_resolution():
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
     with pytest.raises(ValueError, match="float32"):
         resolve_dtype("float16", torch.device("cpu"))
+
+
+def test_predictor_text_embedding_independent_of_other_concepts(predictor):
+    """A concept's embedding is the same whatever other concepts are encoded with it (cache misses batch up)."""
+    alone = predictor.encode_concepts(["zebra"])[1][1]
+    many = predictor.encode_concepts(["cat", "dog", "zebra", "red umbrella", "a very long concept name"])[1][3]
+    assert torch.equal(alone, many)
