@@ -166,7 +166,8 @@ def with_world(cfg: TrainConfig, world: World) -> TrainConfig:
     shapes = ShapesWorld()
     data = dataclasses.replace(
         cfg.data, index_dirs=(str(world.index_images),),
-        ground_truth={"annotations": str(world.index_truth), "image_dir": str(world.index_images)}
+        # absolute, as the retrieval lists (model.index records absolute paths): the oracle's masks are keyed by it
+        ground_truth={"annotations": str(world.index_truth), "image_dir": os.path.abspath(world.index_images)}
         if cfg.world.masks == "truth" else cfg.data.ground_truth)
     subsets = {s: [shapes.concept_name(i) for i in shapes.split_ids(s)] for s in ("seen", "unseen")}
 
