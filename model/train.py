@@ -159,8 +159,8 @@ def _world_concepts(split: str) -> list[str]:
 
 def with_world(cfg: TrainConfig, world: World) -> TrainConfig:
     """``cfg`` with the paths the world's stages built: CLIP, index (and its truth for ``masks: "truth"``), the
-    test scenes as ``eval`` (seen/unseen subsets, unless the config gives an eval section) and the validation
-    scenes as ``val``."""
+    test scenes as ``eval`` (with seen/unseen subsets) and the validation scenes as ``val``; of the config's own
+    ``eval`` / ``val`` sections only ``max_images`` and ``score_threshold`` are kept."""
     from model.shapes.world import ShapesWorld
 
     shapes = ShapesWorld()
