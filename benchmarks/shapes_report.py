@@ -146,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for split, m in result["main"].items():
         print(f"| {split} | {fmt(m['AP'])} | {fmt(m['AP50'])} | {fmt(m['AP75'])} | {fmt(m['mIoU'])} |")
     for tau, metrics in result["taus"].items():
-        print(f"tau {tau}: " + ", ".join(f"{s} AP50 {fmt(m['AP50'])} mIoU {fmt(m['mIoU'])}" for s, m in metrics.items()))
+        print(f"tau {tau}: " + ", ".join(f"{s} AP50 {fmt(m['AP50'])} mIoU {fmt(m['mIoU'])}"
+                                         for s, m in metrics.items()))
     if "training_data" in result:
         print(json.dumps(result["training_data"]))
     if args.out:

@@ -415,5 +415,6 @@ def wait_for_stage(cache_dir: str | Path, name: str, inputs: dict[str, Any], pol
     return final
 
 
-__all__ = ["DataConfig", "WorldConfig", "World", "prepare_world", "TrainingData", "prepare_training_data", "validate_data_inputs", "file_digest",
-           "folder_fingerprint", "clip_normalisation", "stage_key", "stage_dir", "is_done", "run_stage", "wait_for_stage"]
+__all__ = ["DataConfig", "WorldConfig", "World", "prepare_world", "TrainingData", "prepare_training_data",
+           "validate_data_inputs", "file_digest", "folder_fingerprint", "clip_normalisation", "stage_key", "stage_dir",
+           "is_done", "run_stage", "wait_for_stage"]

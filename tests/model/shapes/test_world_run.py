@@ -108,7 +108,8 @@ def test_world_config_trains_on_seen_exports_all_and_evaluates_both(built):
     assert resolved.data.index_dirs == (str(world.index_images),)
     assert resolved.data.ground_truth == {"annotations": str(world.index_truth),
                                           "image_dir": str(world.index_images.resolve())}
-    assert resolved.eval.annotations == str(world.test_dir / "instances.json") and resolved.eval.score_threshold == 0.001
+    assert resolved.eval.annotations == str(world.test_dir / "instances.json")
+    assert resolved.eval.score_threshold == 0.001
     assert resolved.val.annotations == str(world.val_dir / "instances.json") and resolved.val.subsets is None
     assert set(resolved.eval.subsets) == {"seen", "unseen"}
     assert sorted(resolved.eval.subsets["unseen"]) == sorted(WORLD.concept_name(i) for i in WORLD.unseen_ids)
