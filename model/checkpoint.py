@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.clip_weights import load_state_strict
 from model.config import InferenceParams, ModelConfig
 from model.network import ZUTIS
 from model.text import TextEncoder
@@ -159,12 +160,4 @@ def _existing(path: str | Path) -> Path:
 
 def _load_prefixed(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> None:
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    own = {k: v for k, v in module.state_dict().items() if k != "attn_mask"}
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"{path}: {prefix}* tensors do not match the architecture in its metadata "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    for k, v in state.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"{path}: {prefix}{k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
-    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=False)
+    load_state_strict(module, state, f"{path} ({prefix}*)")

@@ -9,9 +9,9 @@ Nothing is ever unpickled and nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -93,8 +93,8 @@ def load_clip(path: str | Path, config: ModelConfig | None = None) -> ClipTowers
         raise ValueError(f"{path}: an architecture (ModelConfig) is needed to load this file")
     visual_sd, text_sd = split_clip_state_dict(read_state_dict(path))
     visual, text = build_vision_tower(config), build_text_tower(config)
-    _load_strict(visual, visual_sd, f"{path} (vision tower)")
-    _load_strict(text, text_sd, f"{path} (text tower)")
+    load_state_strict(visual, visual_sd, f"{path} (vision tower)")
+    load_state_strict(text, text_sd, f"{path} (text tower)")
     return ClipTowers(config, visual.float().eval(), text.float().eval())
 
 
@@ -113,19 +113,17 @@ def save_clip(path: str | Path, towers: ClipTowers, extra_metadata: dict[str, st
     tmp.replace(path)
 
 
-def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    expected = {k for k in module.state_dict() if k != "attn_mask"}
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise ValueError(f"{what}: weights do not match the architecture; missing {sorted(missing)[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {sorted(unexpected)[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''}")
-    for k, v in state.items():
-        if v.shape != module.state_dict()[k].shape:
-            raise ValueError(f"{what}: {k} has shape {tuple(v.shape)}, the architecture wants "
-                             f"{tuple(module.state_dict()[k].shape)}")
-    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` into ``module`` after checking it holds exactly the module's keys with the module's shapes.
 
-
-def metadata_json(obj: object) -> str:
-    return json.dumps(obj, sort_keys=True)
+    Floating-point tensors are cast to float32 (files may store fp16); ``ValueError`` names ``what`` and lists
+    the missing, unexpected and wrongly shaped keys.
+    """
+    expected = {k: v for k, v in module.state_dict().items() if k != "attn_mask"}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    bad_shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                        for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
+    if missing or unexpected or bad_shapes:
+        raise ValueError(f"{what}: tensors do not match the architecture: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}, wrong shapes {bad_shapes[:5]}")
+    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=False)

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.clip_weights import load_state_strict
 from model.config import IMAGENET_MEAN, IMAGENET_STD
 from model.index import CLIP_MEAN, CLIP_STD, write_json_atomic
 
@@ -410,7 +411,7 @@ class DinoFeatures:
         state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith(("head.", "fc."))}
         self.model = timm.create_model("vit_small_patch16_224.dino", pretrained=False, num_classes=0,
                                        dynamic_img_size=True)
-        _load_exact(self.model, state, f"DINO weights {weights}")
+        load_state_strict(self.model, state, f"DINO weights {weights}")
         self.model = self.model.to(device).eval()
         self.long_cells = max(1, max_side // self.patch)
 
@@ -442,7 +443,7 @@ class MocoFeatures:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         net = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
         net.fc = torch.nn.Identity()
-        _load_exact(net, state, f"MoCo weights {weights}")
+        load_state_strict(net, state, f"MoCo weights {weights}")
         self.net = net.to(device).eval()
         self.long_cells = max(1, max_side // self.stride)
 
@@ -455,16 +456,6 @@ class MocoFeatures:
             y = n.maxpool(n.relu(n.bn1(n.conv1(x.to(param.device, param.dtype)))))
             y = n.layer4(n.layer3(n.layer2(n.layer1(y))))
         return y[0].float().permute(1, 2, 0).contiguous()
-
-
-def _load_exact(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    expected = module.state_dict()
-    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-    bad_shapes = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
-    if missing or unexpected or bad_shapes:
-        raise ValueError(f"{what} do not match the architecture: missing {sorted(missing)[:4]}, unexpected "
-                         f"{sorted(unexpected)[:4]}, wrong shapes {sorted(bad_shapes)[:4]}")
-    module.load_state_dict({k: v.float() for k, v in state.items()})
 
 
 # -- the stage -------------------------------------------------------------------------------------------------
