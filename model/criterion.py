@@ -4,8 +4,11 @@
   (``model.matcher``); the layer's loss is the *sum* over matched pairs of ``dice + bce`` at the crop resolution;
   layers are summed and images averaged over the whole batch (an image without instance pixels counts 0).
   There is no no-object term: unmatched queries get no gradient.
-- ``ce``: cross-entropy of the raw cosine logits (no logit scale) between the semantic features, upsampled
-  bilinearly to the crop size, and the text embeddings, against the semantic target with ``ignore_index``.
+- ``ce``: cross-entropy of the raw cosine logits (no logit scale, the release) between the semantic features,
+  upsampled bilinearly to the crop size, and the text embeddings, against the semantic target with
+  ``ignore_index``. ``logit_scale`` multiplies the logits first; the release's value is 1 (the default). A larger
+  one is a training-only choice (inference takes argmaxes and the §3.3 sigmoid of the cosine, unchanged); it
+  sharpens the softmax when concept embeddings are close (docs/benchmarks.md).
 
 Both run in float32 with autocast off (``binary_cross_entropy`` is unsafe under autocast; the CE logits are tiny).
 """
@@ -66,14 +69,17 @@ def semantic_logits(semantic_features: torch.Tensor, text_embeddings: torch.Tens
 
 
 def ce_loss(semantic_features: torch.Tensor, text_embeddings: torch.Tensor, semantic_target: torch.Tensor,
-            ignore_index: int) -> torch.Tensor:
-    """The ``ce`` loss: mean cross-entropy over non-ignored pixels (0 when every pixel is ignored).
+            ignore_index: int, logit_scale: float = 1.0) -> torch.Tensor:
+    """The ``ce`` loss: mean cross-entropy of ``logit_scale * cosine`` over non-ignored pixels (0 when every
+    pixel is ignored).
 
     ``semantic_features``: (B, h', w', E) unit-norm; ``text_embeddings``: (C, E) unit-norm, background first;
     ``semantic_target``: (B, H, W) int64 in ``[0, C) U {ignore_index}``.
     """
     with torch.autocast(device_type=semantic_features.device.type, enabled=False):
         logits = semantic_logits(semantic_features, text_embeddings, tuple(semantic_target.shape[-2:]))
+        if logit_scale != 1.0:
+            logits = logits * logit_scale
         summed = F.cross_entropy(logits, semantic_target, ignore_index=ignore_index, reduction="sum")
         n_valid = (semantic_target != ignore_index).sum().clamp(min=1)
         return summed / n_valid
@@ -81,10 +87,11 @@ def ce_loss(semantic_features: torch.Tensor, text_embeddings: torch.Tensor, sema
 
 def compute_losses(layer_mask_probs: torch.Tensor, semantic_features: torch.Tensor,
                    text_embeddings: torch.Tensor, semantic_target: torch.Tensor,
-                   instance_masks: list[torch.Tensor], ignore_index: int) -> dict[str, torch.Tensor]:
+                   instance_masks: list[torch.Tensor], ignore_index: int,
+                   ce_logit_scale: float = 1.0) -> dict[str, torch.Tensor]:
     """All losses, unweighted: ``{"mask": ..., "ce": ...}`` (scalars). Shapes as in ``mask_loss`` / ``ce_loss``."""
     return {"mask": mask_loss(layer_mask_probs, instance_masks),
-            "ce": ce_loss(semantic_features, text_embeddings, semantic_target, ignore_index)}
+            "ce": ce_loss(semantic_features, text_embeddings, semantic_target, ignore_index, ce_logit_scale)}
 
 
 __all__ = ["pair_mask_loss", "mask_loss", "semantic_logits", "ce_loss", "compute_losses"]

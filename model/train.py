@@ -59,6 +59,7 @@ class OptimConfig:
     poly_power: float = 0.9
     min_lr: float = 1e-6
     loss_weights: dict[str, float] = field(default_factory=lambda: {"mask": 1.0, "ce": 1.0})
+    ce_logit_scale: float = 1.0  # the release: raw cosine logits (model.criterion)
     grad_clip: float | None = None
     seed: int = 0
     num_workers: int = 8
@@ -226,6 +227,8 @@ def validate_inputs(cfg: TrainConfig) -> None:
     o = cfg.optim
     if o.steps < 1 or o.batch_size < 1 or o.log_every < 1 or o.checkpoint_every < 1 or o.num_workers < 0:
         raise ValueError("optim.steps, batch_size, log_every and checkpoint_every must be positive")
+    if not (math.isfinite(o.ce_logit_scale) and o.ce_logit_scale > 0):
+        raise ValueError(f"optim.ce_logit_scale must be a positive number, got {o.ce_logit_scale}")
     unknown_losses = set(o.loss_weights) - {"mask", "ce"}
     if unknown_losses:
         raise ValueError(f"optim.loss_weights names unknown losses {sorted(unknown_losses)}; known: mask, ce")
@@ -548,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = train_model(batch.images)
         losses = compute_losses(out.all_layer_mask_probs(), out.semantic_features, text_embeddings, batch.semantic,
-                                batch.instance_masks, cfg.synthesis.ignore_index)
+                                batch.instance_masks, cfg.synthesis.ignore_index, o.ce_logit_scale)
         loss = total_loss(losses, o.loss_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

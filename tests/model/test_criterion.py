@@ -62,6 +62,14 @@ def test_ce_loss_hand_computed_raw_cosine_logits_and_ignore_index():
     assert ce_loss(feats, text, torch.full((1, 2, 2), 255), 255).item() == 0.0
 
 
+def test_ce_loss_logit_scale_multiplies_the_cosine_logits():
+    feats = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # logits [10, 0] at scale 10
+    target = torch.tensor([[[0, 1], [255, 0]]])
+    expected = (2 * -math.log(math.exp(10) / (math.exp(10) + 1)) - math.log(1 / (math.exp(10) + 1))) / 3
+    assert ce_loss(feats, text, target, 255, logit_scale=10.0).item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_semantic_logits_are_the_same_whichever_side_is_upsampled():
     gen = torch.Generator().manual_seed(0)
     feats = torch.nn.functional.normalize(torch.randn(2, 3, 4, 5, generator=gen), dim=-1)

@@ -130,6 +130,8 @@ def test_config_typos_and_bad_settings_are_rejected(world, tmp_path):
         main(["--config", str(_config(world, tmp_path, **{"optim.stepz": 3})), "--device", "cpu"])
     with pytest.raises(ValueError, match="ignore_index"):
         main(["--config", str(_config(world, tmp_path, synthesis={"ignore_index": 2})), "--device", "cpu"])
+    with pytest.raises(ValueError, match="ce_logit_scale"):
+        main(["--config", str(_config(world, tmp_path, **{"optim.ce_logit_scale": 0.0})), "--device", "cpu"])
     with pytest.raises(FileNotFoundError, match="train_state"):
         main(["--config", str(_config(world, tmp_path)), "--device", "cpu", "--resume"])
 
