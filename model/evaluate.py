@@ -621,5 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from model.cli import run_main
+
     logging.basicConfig(level=logging.INFO)
-    sys.exit(main())
+    run_main(main)

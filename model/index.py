@@ -394,7 +394,6 @@ __all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGE_EXTENSIONS", "ImagePreprocess", "list
            "add_clip_arguments", "check_clip_file", "load_clip_from_arguments", "main"]
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except (FileNotFoundError, ValueError) as error:  # bad input: one readable line, no traceback
-        raise SystemExit(f"error: {error}") from None
+    from model.cli import run_main
+
+    run_main(main)

@@ -625,7 +625,6 @@ __all__ = ["FeatureExtractor", "DEFAULT_KS", "spectral_embedding", "kmeans", "sp
            "generate_pseudo_masks", "load_pseudo_masks", "EXTRACTOR_NAMES", "main"]
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except (FileNotFoundError, ValueError) as error:  # bad input: one readable line, no traceback
-        raise SystemExit(f"error: {error}") from None
+    from model.cli import run_main
+
+    run_main(main)

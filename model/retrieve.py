@@ -206,7 +206,6 @@ __all__ = ["RETRIEVAL", "RETRIEVAL_SCORES", "select_concepts", "encode_concepts"
            "load_retrieval", "main"]
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except (FileNotFoundError, ValueError) as error:  # bad input: one readable line, no traceback
-        raise SystemExit(f"error: {error}") from None
+    from model.cli import run_main
+
+    run_main(main)
