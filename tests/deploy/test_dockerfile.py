@@ -179,7 +179,7 @@ def test_dockerfile_healthcheck_is_healthy_only_when_ready(readiness_server, sta
 
 
 def test_dockerfile_healthcheck_is_unhealthy_when_nothing_listens():
-    from tests.deploy.support import free_port
+    from tests.support import free_port
 
     command = healthcheck_command()
     result = subprocess.run(

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.support import REPO_ROOT, free_port, require_executable
+from tests.deploy.support import REPO_ROOT, require_executable
+from tests.support import free_port
 
 NGINX_CONF = REPO_ROOT / "deploy" / "nginx" / "nginx.conf"
 BOUNDARY = "zutisboundary"

@@ -14,19 +14,18 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
-from tests.deploy.support import REPO_ROOT, free_port, require_executable, series_names
+from tests.deploy.support import REPO_ROOT, require_executable, series_names
+from tests.support import free_port, tail, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,30 +34,6 @@ REQUESTS = 30
 STARTUP_TIMEOUT_S = 90.0
 SCRAPE_TIMEOUT_S = 30.0
 DRAIN_TIMEOUT_S = 30.0  # docker-compose.yml's stop_grace_period
-
-
-def wait_for(check: Callable[[], Any], timeout_s: float, what: str, process: subprocess.Popen | None = None,
-             log: Path | None = None) -> Any:
-    """Poll `check` until it returns a truthy value; fail after `timeout_s` or when `process` exits."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except (OSError, ValueError, KeyError):
-            pass
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"{what}: the process exited with {process.returncode}\n{tail(log)}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s:.0f} s\n{tail(log)}")
-        time.sleep(0.25)
-
-
-def tail(log: Path | None, lines: int = 40) -> str:
-    if log is None or not log.exists():
-        return ""
-    return "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
 
 @contextmanager

@@ -6,43 +6,21 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.service.conftest import png_bytes
+from tests.support import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(check, timeout_s: float, what: str, process: subprocess.Popen, log: Path):
-    end = time.monotonic() + timeout_s
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None:
-            raise AssertionError(f"{what}: the service exited with {process.returncode}\n{log.read_text()}")
-        if time.monotonic() > end:
-            raise AssertionError(f"{what}: not within {timeout_s} s\n{log.read_text()}")
-        time.sleep(0.1)
+HTTP_ERRORS = (httpx.HTTPError,)
 
 
 def test_sigterm_drains_the_request_in_flight_then_exits_0(service_checkpoint, tmp_path):
@@ -58,7 +36,7 @@ def test_sigterm_drains_the_request_in_flight_then_exits_0(service_checkpoint, t
         process = subprocess.Popen([sys.executable, "-m", "service"], stdout=output, stderr=subprocess.STDOUT,
                                    env=env, cwd=REPO_ROOT)
     try:
-        wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, 90, "ready", process, log)
+        wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, 90, "ready", process, log, HTTP_ERRORS)
         result: dict = {}
 
         def post() -> None:
@@ -68,7 +46,7 @@ def test_sigterm_drains_the_request_in_flight_then_exits_0(service_checkpoint, t
         in_flight = threading.Thread(target=post)
         in_flight.start()
         wait_for(lambda: re.search(r"^zutis_inflight_requests 1\.0$", httpx.get(f"{base}/metrics").text, re.M),
-                 10, "request in flight", process, log)
+                 10, "request in flight", process, log, HTTP_ERRORS)
         process.send_signal(signal.SIGTERM)
 
         # New work is refused: 503 while the socket is still open, connection refused once it is closed.
