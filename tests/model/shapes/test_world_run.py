@@ -125,7 +125,8 @@ def test_shipped_shapes_configs_parse_and_differ_only_where_named():
     assert cfg.model.input_size == cfg.world.scene_size and cfg.export_dtype == "float16"
     assert cfg.world.train_split == "seen" and cfg.world.masks == "pseudo" and cfg.synthesis.copy_paste
     for name, changed in (("shapes_oracle.json", {"world"}), ("shapes_no_copy_paste.json", {"synthesis"}),
-                          ("shapes_seed1.json", {"optim"})):
+                          ("shapes_seed1.json", {"optim"}), ("shapes_logit_scale.json", {"optim"}),
+                          ("shapes_long.json", {"optim"}), ("shapes_repeat.json", {"cache_dir"})):
         path = SHIPPED / name
         if not path.is_file():
             continue
