@@ -8,6 +8,10 @@
   the same colour (the mask head sees per-pixel features only), by size and by how crowded the scene is.
 - **semantic errors**: over the objects' pixels, the share the semantic map calls background, and of the rest, the
   share whose predicted concept has the right colour and the right shape.
+- **token probes** (``--probe``): is an object's colour / shape linearly decodable from the encoder's patch tokens
+  at all? A softmax-regression probe is fitted on the tokens whose centre pixel lies on an object in the first
+  half of the scenes and scored on the second half (chance: 1/8), for the checkpoint's encoder and, with
+  ``--clip``, for a CLIP vision tower (the world's CLIP before ZUTIS training).
 
     MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python benchmarks/shapes_diagnostics.py \\
         --checkpoint weights/zutis-shapes.safetensors --max-images 200
@@ -112,11 +116,65 @@ def diagnose(checkpoint: Path, scenes: Path, max_images: int | None) -> dict[str
                                        "shape_right_of_the_rest": shape_right / fg_as_fg}}
 
 
+def token_probe(encoder: Any, scenes: Path, max_images: int | None, image_size: int, mean: Sequence[float],
+                std: Sequence[float], steps: int = 300, seed: int = 0) -> dict[str, float]:
+    """Held-out accuracy of linear colour and shape probes on ``encoder``'s patch tokens (see the module doc)."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from model.backbone import encode_patch_tokens
+
+    coco = json.loads((scenes / "instances.json").read_text())
+    cats = sorted(coco["categories"], key=lambda c: c["id"])
+    images = coco["images"][:max_images] if max_images else coco["images"]
+    pixels = np.stack([np.asarray(Image.open(scenes / "images" / im["file_name"]).convert("RGB")) for im in images])
+    labels = np.stack([np.asarray(Image.open(scenes / "labels" / (Path(im["file_name"]).stem + ".png")))
+                       for im in images]).astype(np.int64)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        tokens, h, w = zip(*(encode_patch_tokens(encoder.eval(), x[i:i + 32]) for i in range(0, len(x), 32)))
+    feats = torch.cat(tokens).float().numpy()  # (N, h*w, D)
+    h, w = h[0], w[0]
+    rows = (np.arange(h) + 0.5) * labels.shape[1] / h
+    cols = (np.arange(w) + 0.5) * labels.shape[2] / w
+    centre = labels[:, rows.astype(int)][:, :, cols.astype(int)].reshape(len(images), -1)  # label at token centre
+    on_object = (centre > 0) & (centre <= len(cats))
+    half = np.arange(len(images))[:, None] < len(images) // 2
+    result: dict[str, float] = {}
+    for name in ("colour", "shape"):
+        values = sorted({c[name] for c in cats})
+        target = np.array([-1] + [values.index(c[name]) for c in cats])
+        train, test = on_object & half, on_object & ~half
+        xt, xe = torch.from_numpy(feats[train]), torch.from_numpy(feats[test])
+        mu, sd = xt.mean(0), xt.std(0) + 1e-6
+        xt, xe = (xt - mu) / sd, (xe - mu) / sd
+        yt = torch.from_numpy(target[centre[train]])
+        gen = torch.Generator().manual_seed(seed)
+        weight = (0.01 * torch.randn(xt.shape[1], len(values), generator=gen)).requires_grad_()
+        bias = torch.zeros(len(values), requires_grad=True)
+        opt = torch.optim.Adam([weight, bias], lr=1e-2)
+        for _ in range(steps):
+            loss = F.cross_entropy(xt @ weight + bias, yt) + 1e-3 * weight.square().sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            predicted = (xe @ weight + bias).argmax(1).numpy()
+        result[f"{name}_accuracy"] = float((predicted == target[centre[test]]).mean())
+    result["train_tokens"], result["test_tokens"] = int((on_object & half).sum()), int((on_object & ~half).sum())
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--scenes", type=Path, help="scene folder (default: the run's test scenes)")
     parser.add_argument("--max-images", type=int, help="only the first N scenes")
+    parser.add_argument("--probe", action="store_true", help="also fit linear colour/shape probes on the tokens")
+    parser.add_argument("--clip", type=Path, help="with --probe: also probe this CLIP file's vision tower")
     parser.add_argument("--out", type=Path, help="write the JSON here")
     args = parser.parse_args(argv)
 
@@ -136,6 +194,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     sem = result["semantic_object_pixels"]
     print(f"object pixels called background {sem['called_background']:.3f}; of the rest, colour right "
           f"{sem['colour_right_of_the_rest']:.3f}, shape right {sem['shape_right_of_the_rest']:.3f}")
+    if args.probe:
+        from model.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(args.checkpoint)
+        cfg = loaded.metadata.model_config
+        encoders = {"checkpoint encoder": loaded.model.encoder}
+        if args.clip:
+            from model.clip_weights import load_clip
+
+            encoders["CLIP " + args.clip.name] = load_clip(args.clip).visual
+        result["token_probes"] = {}
+        for name, encoder in encoders.items():
+            probe = token_probe(encoder, scenes, args.max_images, loaded.metadata.inference_input_size,
+                                cfg.image_mean, cfg.image_std)
+            result["token_probes"][name] = probe
+            print(f"{name}: linear probe on object tokens of held-out scenes: colour {probe['colour_accuracy']:.3f}, "
+                  f"shape {probe['shape_accuracy']:.3f} (chance 0.125; {probe['test_tokens']} test tokens)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
