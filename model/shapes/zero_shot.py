@@ -72,13 +72,22 @@ def zero_shot_accuracy(towers: ClipTowers, tokenizer: Callable[[Sequence[str]], 
 
 def encode_image_interpolated(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The CLIP image embedding (B, E) with the positional embedding re-interpolated to the input's grid the way
-    ZUTIS does (``backbone.interpolate_pos_embed``), so any ``images`` (B, 3, H, W) size works."""
+    ZUTIS does (``backbone.interpolate_pos_embed``), so any ``images`` (B, 3, H, W) size works. Class-token
+    (``pool_type="tok"``) and patch-token mean (``"avg"``) pooling, as open_clip pools them."""
     x = visual.conv1(images)
     b, d, h, w = x.shape
     x = x.reshape(b, d, h * w).permute(0, 2, 1)
     x = torch.cat([visual.class_embedding.view(1, 1, d).expand(b, 1, d).to(x.dtype), x], dim=1)
     x = visual.ln_pre(x + interpolate_pos_embed(visual.positional_embedding, h, w).to(x.dtype))
-    x = visual.ln_post(visual.transformer(x)[:, 0])
+    x = visual.transformer(x)
+    pool = getattr(visual, "pool_type", "tok")
+    if pool == "tok":
+        x = visual.ln_post(x[:, 0])
+    elif pool == "avg" and not getattr(visual, "final_ln_after_pool", False):
+        x = visual.ln_post(x[:, 1:]).mean(dim=1)  # open_clip's order: ln_post, then the mean of the patch tokens
+    else:
+        raise ValueError(f"unsupported vision pooling {pool!r} (final_ln_after_pool="
+                         f"{getattr(visual, 'final_ln_after_pool', False)}); use 'tok' or 'avg'")
     return x @ visual.proj
 
 

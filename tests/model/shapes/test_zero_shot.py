@@ -35,9 +35,14 @@ def test_images_to_tensor_uses_the_config_normalisation() -> None:
     assert x[0, :, 0, 0].tolist() == pytest.approx([2.0, -1.0, -0.5])
 
 
-def test_encode_image_interpolated_matches_open_clip_when_positions_are_constant() -> None:
-    towers = build_clip(tiny_test_config(conv_stem=(8, 16)), seed=1)
+@pytest.mark.parametrize("pool_type", ["tok", "avg"])
+def test_encode_image_interpolated_matches_open_clip_when_positions_are_constant(pool_type: str) -> None:
+    config = tiny_test_config(conv_stem=(8, 16))
+    clip_config = config.open_clip_config()
+    clip_config["vision_cfg"]["pool_type"] = pool_type
+    towers = build_clip(tiny_test_config(conv_stem=(8, 16), clip_config=clip_config), seed=1)
     visual = towers.visual.eval()
+    assert visual.pool_type == pool_type
     with torch.no_grad():
         visual.positional_embedding[1:] = visual.positional_embedding[1:2].clone()  # bicubic keeps a constant
     x = torch.randn(2, 3, 64, 64)
