@@ -70,9 +70,13 @@ def diagnose(checkpoint: Path, scenes: Path, max_images: int | None) -> dict[str
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
     params = predictor.default_params
     vocabulary, text = predictor.encode_concepts(names)
-    colour_of = [None] + [cats[i]["colour"] for i in sorted(cats)]  # index into vocabulary (background first)
-    shape_of = [None] + [cats[i]["shape"] for i in sorted(cats)]
     label_of_cat = {cid: vocabulary.index(cats[cid]["name"]) for cid in cats}
+    # colour and shape of every vocabulary index (background first: -1), as small integer codes
+    colour_of, shape_of = (np.full(len(vocabulary), -1), np.full(len(vocabulary), -1))
+    for key, codes in (("colour", colour_of), ("shape", shape_of)):
+        values = sorted({c[key] for c in cats.values()})
+        for cid, label in label_of_cat.items():
+            codes[label] = values.index(cats[cid][key])
 
     rows: list[tuple[float, bool, int, int]] = []  # best IoU, shares colour, area, objects in scene
     fg_pixels = fg_as_bg = colour_right = shape_right = 0
@@ -99,8 +103,8 @@ def diagnose(checkpoint: Path, scenes: Path, max_images: int | None) -> dict[str
             fg_as_bg += int((predicted == 0).sum())
             as_fg = predicted[predicted > 0]
             want = label_of_cat[ann["category_id"]]
-            colour_right += sum(colour_of[int(v)] == colour_of[want] for v in as_fg)
-            shape_right += sum(shape_of[int(v)] == shape_of[want] for v in as_fg)
+            colour_right += int((colour_of[as_fg] == colour_of[want]).sum())
+            shape_right += int((shape_of[as_fg] == shape_of[want]).sum())
 
     r = np.array(rows, dtype=np.float64).reshape(-1, 4)
     groups = {"all": np.ones(len(r), bool), "alone in its colour": r[:, 1] == 0, "shares its colour": r[:, 1] == 1,
