@@ -80,12 +80,15 @@ class WorldConfig:
     beside it), ``val_scenes`` and ``test_scenes`` held-out evaluation scenes with 1-8 objects (separate seeds,
     so disjoint random streams; validation picks the exported score threshold, test gives the reported
     metrics), and a tiny CLIP pre-trained on all concepts with the recipe ``clip_recipe`` (its ``minutes`` or
-    ``steps`` overridden by ``clip_minutes`` / ``clip_steps``, ``steps`` winning). ``train_split`` ("seen" or
+    ``steps`` overridden by ``clip_minutes`` / ``clip_steps``, ``steps`` winning), or, with ``clip_weights``, a
+    finished CLIP file (``python -m model.shapes.clip_pretrain``'s output, e.g. the shipped
+    ``weights/zutis-shapes-clip.safetensors``) used as it is, as ZUTIS uses OpenAI's CLIP. ``train_split`` ("seen" or
     "all") picks the training concepts; ``masks`` "pseudo" (the method) or "truth" (the oracle: the index's
     generator masks in place of pseudo-masks). Images are ``scene_size`` px squares.
     """
 
-    clip_recipe: str
+    clip_recipe: str | None = None
+    clip_weights: str | None = None
     clip_minutes: float | None = None
     clip_steps: int | None = None
     clip_seed: int = 0
@@ -106,7 +109,14 @@ class WorldConfig:
             raise ValueError(f"world.masks must be 'pseudo' or 'truth', got {self.masks!r}")
         if min(self.index_images, self.val_scenes, self.test_scenes) < 1:
             raise ValueError("world.index_images, val_scenes and test_scenes must be positive")
-        if not Path(self.clip_recipe).is_file():
+        if (self.clip_recipe is None) == (self.clip_weights is None):
+            raise ValueError("world: give exactly one of clip_recipe (pre-train a CLIP) and clip_weights (a finished "
+                             "CLIP file)")
+        if self.clip_weights is not None:
+            if not Path(self.clip_weights).is_file():
+                raise FileNotFoundError(f"world.clip_weights: file not found: {self.clip_weights} (make it with "
+                                        "python -m model.shapes.clip_pretrain)")
+        elif not Path(self.clip_recipe).is_file():
             raise FileNotFoundError(f"world.clip_recipe: file not found: {self.clip_recipe}")
 
 
@@ -135,6 +145,9 @@ def prepare_world(world: WorldConfig, cache_dir: str | Path, log: Callable[[str]
     for split, n, seed in (("val", world.val_scenes, world.val_seed), ("test", world.test_scenes, world.test_seed)):
         scenes[split] = run_stage(cache_dir, f"shapes_{split}", {"n": n, "seed": seed, "size": size},
                                   lambda out, n=n, seed=seed: dataset.write_eval_scenes(out, n, seed, size=size), log)
+    if world.clip_weights is not None:
+        return World(Path(world.clip_weights), index / "images", index / "truth" / "instances.json", scenes["val"],
+                     scenes["test"])
     clip_inputs = {"recipe": json.loads(Path(world.clip_recipe).read_text()), "minutes": world.clip_minutes,
                    "steps": world.clip_steps, "seed": world.clip_seed}
 

@@ -54,8 +54,9 @@ from torch import nn
 from model.backbone import build_text_tower, build_tokenizer, build_vision_tower
 from model.clip_weights import ClipTowers, save_clip
 from model.config import ModelConfig
-from model.shapes.world import ShapesWorld, render_caption_batch
-from model.shapes.zero_shot import final_metrics, images_to_tensor, render_eval_set, zero_shot_accuracy
+from model.shapes.world import ShapesWorld, caption, render_caption_batch
+from model.shapes.zero_shot import (encode_image_and_tokens, final_metrics, images_to_tensor, render_eval_set,
+                                    zero_shot_accuracy)
 
 TRAIN_STREAM = 0
 _ENV_HINTS = {"OMP_WAIT_POLICY": "PASSIVE", "MALLOC_MMAP_THRESHOLD_": "33554432",
@@ -71,7 +72,8 @@ class ClipRecipe:
     in a non-empty image; ``empty_p`` that of a clutter-only image. ``train_split`` ("all" or "seen") restricts
     the concepts the CLIP ever sees (real CLIP saw everything; "seen" tests compositional generalisation).
     ``eval_every`` is in steps; evaluation uses ``eval_per_concept`` fresh single-object images per concept,
-    the final one ``final_eval_per_concept``.
+    the final one ``final_eval_per_concept``. ``dense_weight`` > 0 adds the dense patch-to-concept term
+    (``dense_concept_loss``, soft maximum with temperature ``dense_tau``) with that weight; 0 is contrastive only.
     """
 
     model_config: ModelConfig
@@ -86,11 +88,14 @@ class ClipRecipe:
     train_split: str = "all"
     pos_init: str = "sincos"
     grad_clip: float | None = None
+    dense_weight: float = 0.0
+    dense_tau: float = 10.0
     eval_every: int = 100
     eval_per_concept: int = 8
     final_eval_per_concept: int = 16
     threads: int = 2
     seed: int = 0
+    description: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.model_config, dict):
@@ -111,6 +116,8 @@ class ClipRecipe:
             raise ValueError(f"pos_init must be 'sincos' or 'random', got {self.pos_init!r}")
         if self.train_split not in ("all", "seen"):
             raise ValueError(f"train_split must be 'all' or 'seen', got {self.train_split!r}")
+        if not (self.dense_weight >= 0 and self.dense_tau > 0):
+            raise ValueError(f"need dense_weight >= 0 and dense_tau > 0, got {self.dense_weight}, {self.dense_tau}")
         if not (self.lr > 0 and self.weight_decay >= 0 and self.warmup_steps >= 0):
             raise ValueError("need lr > 0, weight_decay >= 0 and warmup_steps >= 0")
 
@@ -176,6 +183,37 @@ def contrastive_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tens
     loss_i = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
     loss_t = -(targets * F.log_softmax(logits.t(), dim=1)).sum(dim=1).mean()
     return (loss_i + loss_t) / 2
+
+
+def dense_concept_loss(tokens: torch.Tensor, concept_embeddings: torch.Tensor, targets: torch.Tensor,
+                       logit_scale: torch.Tensor, tau: float = 10.0) -> torch.Tensor:
+    """The dense patch-to-concept term: a multiple-instance loss that needs captions only, no masks.
+
+    ``tokens``: (B, N, E) unit-norm projected patch tokens; ``concept_embeddings``: (K, E) unit-norm text
+    embeddings of the K concept names; ``targets``: (B, K), each row uniform over the concepts visible in the
+    image (rows of zeros, clutter-only images, are skipped); ``logit_scale``: scalar log inverse temperature.
+    Each concept's score in an image is the soft maximum over patches of the patch-concept cosine,
+    ``(logsumexp(tau * s) - log N) / tau``, so that some patch must match every named concept and no patch need
+    match an absent one; softmax cross-entropy over the K concepts against ``targets``. Returns a scalar (0 when
+    no row has a target).
+    """
+    n = tokens.shape[1]
+    cosine = tokens @ concept_embeddings.t()  # (B, N, K)
+    pooled = (torch.logsumexp(tau * cosine, dim=1) - math.log(n)) / tau  # (B, K)
+    keep = targets.sum(dim=1) > 0
+    if not bool(keep.any()):
+        return pooled.sum() * 0.0
+    log_p = F.log_softmax(logit_scale.exp() * pooled[keep], dim=1)
+    return -(targets[keep] * log_p).sum(dim=1).mean()
+
+
+def concept_targets(contents: Sequence[tuple[int, ...]], num_concepts: int) -> torch.Tensor:
+    """(B, K) float: row b uniform over the concept ids (1..K) in ``contents[b]``, zeros for an empty image."""
+    targets = torch.zeros(len(contents), num_concepts)
+    for b, ids in enumerate(contents):
+        if ids:
+            targets[b, [i - 1 for i in set(ids)]] = 1.0 / len(set(ids))
+    return targets
 
 
 def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int) -> float:
@@ -255,12 +293,21 @@ def content_groups(contents: Sequence[tuple[int, ...]]) -> torch.Tensor:
 
 def train_step(towers: ClipTowers, logit_scale: nn.Parameter, optimizer: torch.optim.Optimizer,
                images: torch.Tensor, tokens: torch.Tensor, group_ids: torch.Tensor,
-               grad_clip: float | None = None) -> float:
+               grad_clip: float | None = None, dense: "DenseTerm | None" = None) -> float:
     """One optimisation step on a batch: images (B, 3, S, S) normalised, tokens (B, context) int64, group ids
-    (B,). The logit scale is clamped to at most 100 afterwards, as in CLIP. Returns the loss."""
-    image_emb = F.normalize(towers.visual(images), dim=-1)
+    (B,). With ``dense`` the dense patch-to-concept term is added (``DenseTerm``). Logit scales are clamped to at
+    most 100 afterwards, as in CLIP. Returns the loss."""
+    if dense is None:
+        image_emb = F.normalize(towers.visual(images), dim=-1)
+    else:
+        pooled, patch = encode_image_and_tokens(towers.visual, images)
+        image_emb = F.normalize(pooled, dim=-1)
     text_emb = F.normalize(towers.text(tokens), dim=-1)
     loss = contrastive_loss(image_emb, text_emb, logit_scale, group_ids)
+    if dense is not None:
+        concepts = F.normalize(towers.text(dense.concept_tokens), dim=-1)
+        loss = loss + dense.weight * dense_concept_loss(F.normalize(patch, dim=-1), concepts, dense.targets,
+                                                        dense.logit_scale, dense.tau)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip is not None:
@@ -268,16 +315,31 @@ def train_step(towers: ClipTowers, logit_scale: nn.Parameter, optimizer: torch.o
     optimizer.step()
     with torch.no_grad():
         logit_scale.clamp_(0, math.log(100))
+        if dense is not None:
+            dense.logit_scale.clamp_(0, math.log(100))
     return float(loss.detach())
 
 
-def build_optimizer(towers: ClipTowers, logit_scale: nn.Parameter, recipe: ClipRecipe) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only (not on embeddings, norms, biases or the logit scale)."""
+@dataclass
+class DenseTerm:
+    """What the dense term needs at one step: the concept names' tokens (K, context), the batch's targets (B, K)
+    (``concept_targets``), its own learnable logit scale, the weight and the soft-maximum temperature."""
+
+    concept_tokens: torch.Tensor
+    targets: torch.Tensor
+    logit_scale: nn.Parameter
+    weight: float
+    tau: float
+
+
+def build_optimizer(towers: ClipTowers, logit_scale: nn.Parameter, recipe: ClipRecipe,
+                    extra_scales: Sequence[nn.Parameter] = ()) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (not on embeddings, norms, biases or the logit scales)."""
     named = [(f"visual.{n}", p) for n, p in towers.visual.named_parameters() if p.requires_grad] + \
             [(f"text.{n}", p) for n, p in towers.text.named_parameters() if p.requires_grad]
     decays = {n: p.ndim >= 2 and not any(k in n for k in _NO_DECAY) for n, p in named}
     return torch.optim.AdamW([{"params": [p for n, p in named if decays[n]], "weight_decay": recipe.weight_decay},
-                              {"params": [p for n, p in named if not decays[n]] + [logit_scale],
+                              {"params": [p for n, p in named if not decays[n]] + [logit_scale, *extra_scales],
                                "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
@@ -294,7 +356,10 @@ def train_clip(recipe: ClipRecipe, log: Callable[[str], None] = print,
     towers = build_clip(config, recipe.pos_init, recipe.seed)
     tokenizer = CachedTokenizer(config)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    optimizer = build_optimizer(towers, logit_scale, recipe)
+    dense_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    use_dense = recipe.dense_weight > 0
+    optimizer = build_optimizer(towers, logit_scale, recipe, [dense_scale] if use_dense else [])
+    concept_tokens = tokenizer([caption([n], articles=False) for n in world.concepts])
     eval_images, eval_labels = render_eval_set(world, recipe.image_size, recipe.eval_per_concept, recipe.seed)
 
     budget_s = None if recipe.steps is not None else recipe.minutes * 60.0
@@ -311,8 +376,10 @@ def train_clip(recipe: ClipRecipe, log: Callable[[str], None] = print,
         lr = learning_rate(step, total, recipe.lr, recipe.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        dense = DenseTerm(concept_tokens, concept_targets(contents, world.num_concepts), dense_scale,
+                          recipe.dense_weight, recipe.dense_tau) if use_dense else None
         last_loss = train_step(towers, logit_scale, optimizer, images_to_tensor(images, config), tokenizer(captions),
-                               content_groups(contents), recipe.grad_clip)
+                               content_groups(contents), recipe.grad_clip, dense)
         done = step + 1
         if budget_s is not None and done % 25 == 0 and (not estimated or done < total / 2):
             # wall-clock budget: (re-)estimate the step count from the speed so far, only in the run's first half

@@ -74,6 +74,13 @@ def encode_image_interpolated(visual: nn.Module, images: torch.Tensor) -> torch.
     """The CLIP image embedding (B, E) with the positional embedding re-interpolated to the input's grid the way
     ZUTIS does (``backbone.interpolate_pos_embed``), so any ``images`` (B, 3, H, W) size works. Class-token
     (``pool_type="tok"``) and patch-token mean (``"avg"``) pooling, as open_clip pools them."""
+    return encode_image_and_tokens(visual, images)[0]
+
+
+def encode_image_and_tokens(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One vision-tower pass giving both the pooled image embedding (B, E), as ``encode_image_interpolated``, and
+    the projected patch tokens (B, h*w, E) (``ln_post`` then ``proj``, not normalised), the text-space view of
+    each patch that ZUTIS's semantic branch reads. ``images``: (B, 3, H, W) normalised, any size."""
     x = visual.conv1(images)
     b, d, h, w = x.shape
     x = x.reshape(b, d, h * w).permute(0, 2, 1)
@@ -81,14 +88,13 @@ def encode_image_interpolated(visual: nn.Module, images: torch.Tensor) -> torch.
     x = visual.ln_pre(x + interpolate_pos_embed(visual.positional_embedding, h, w).to(x.dtype))
     x = visual.transformer(x)
     pool = getattr(visual, "pool_type", "tok")
-    if pool == "tok":
-        x = visual.ln_post(x[:, 0])
-    elif pool == "avg" and not getattr(visual, "final_ln_after_pool", False):
-        x = visual.ln_post(x[:, 1:]).mean(dim=1)  # open_clip's order: ln_post, then the mean of the patch tokens
-    else:
+    if getattr(visual, "final_ln_after_pool", False) or pool not in ("tok", "avg"):
         raise ValueError(f"unsupported vision pooling {pool!r} (final_ln_after_pool="
                          f"{getattr(visual, 'final_ln_after_pool', False)}); use 'tok' or 'avg'")
-    return x @ visual.proj
+    x = visual.ln_post(x)  # open_clip's order: ln_post on every token, then pooling
+    tokens = x[:, 1:]
+    pooled = x[:, 0] if pool == "tok" else tokens.mean(dim=1)
+    return pooled @ visual.proj, tokens @ visual.proj
 
 
 def accuracy_by_split(predicted: np.ndarray, labels: np.ndarray, world: ShapesWorld) -> dict[str, float]:
@@ -125,5 +131,24 @@ def final_metrics(towers: ClipTowers, tokenizer: Callable[[Sequence[str]], torch
                                              FINAL_EVAL_STREAM)
     big = zero_shot_accuracy(towers, tokenizer, big_images, big_labels, world, interpolate_positions=True)
     final[f"acc_at_{2 * image_size}px"] = big["acc"]
+    final.update(text_separation(towers, tokenizer, world))
     final["n_images"] = int(len(labels))
     return final
+
+
+@torch.no_grad()
+def text_separation(towers: ClipTowers, tokenizer: Callable[[Sequence[str]], torch.Tensor],
+                    world: ShapesWorld) -> dict[str, Any]:
+    """How far apart the text tower puts the 64 bare concept names (how ZUTIS embeds categories): the highest
+    cosine between two different concepts (``text_max_cosine``, with the pair ``text_max_cosine_pair``) and the
+    number of pairs above 0.9 (``text_pairs_above_0.9``)."""
+    was_training = towers.text.training
+    towers.text.eval()
+    names = [caption([n], articles=False) for n in world.concepts]
+    emb = F.normalize(towers.text(tokenizer(names)), dim=-1)
+    towers.text.train(was_training)
+    cos = emb @ emb.t()
+    cos.fill_diagonal_(-1.0)
+    i, j = divmod(int(cos.argmax()), len(names))
+    return {"text_max_cosine": float(cos[i, j]), "text_max_cosine_pair": [names[i], names[j]],
+            "text_pairs_above_0.9": int((cos > 0.9).sum()) // 2}

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from model.clip_weights import load_clip, save_clip
 from model.config import tiny_test_config
-from model.shapes.clip_pretrain import (ClipRecipe, build_clip, content_groups, contrastive_loss, learning_rate,
-                                        main, pretrain_clip, train_clip)
+from model.shapes.clip_pretrain import (ClipRecipe, build_clip, concept_targets, content_groups, contrastive_loss,
+                                        dense_concept_loss, learning_rate, main, pretrain_clip, train_clip)
 from model.shapes.world import ShapesWorld
 
 RECIPE_PATH = Path(__file__).resolve().parents[3] / "model" / "configs" / "shapes_clip.json"
@@ -60,6 +60,36 @@ def test_content_groups_are_equal_exactly_for_equal_contents() -> None:
     assert content_groups([(1,), (2, 5), (1,), (), (5, 2), ()]).tolist() == [0, 1, 0, 2, 3, 2]
 
 
+def test_dense_concept_loss_matches_a_hand_computation() -> None:
+    # 2 patches, 3 concepts; image 0 shows concepts 0 and 2, image 1 is clutter only (skipped)
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])
+    concepts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [math.sqrt(0.5), math.sqrt(0.5)]])
+    targets = torch.tensor([[0.5, 0.0, 0.5], [0.0, 0.0, 0.0]])
+    tau, scale = 2.0, torch.tensor(math.log(3.0))
+    cos = [[1.0, 0.0, math.sqrt(0.5)], [0.0, 1.0, math.sqrt(0.5)]]  # [patch][concept] of image 0
+    pooled = [(math.log(sum(math.exp(tau * cos[p][k]) for p in range(2))) - math.log(2)) / tau for k in range(3)]
+    logits = [3.0 * v for v in pooled]
+    log_z = math.log(sum(math.exp(v) for v in logits))
+    expected = -(0.5 * (logits[0] - log_z) + 0.5 * (logits[2] - log_z))
+    assert float(dense_concept_loss(tokens, concepts, targets, scale, tau)) == pytest.approx(expected, rel=1e-6)
+    assert float(dense_concept_loss(tokens, concepts, torch.zeros(2, 3), scale, tau)) == 0.0
+
+
+def test_dense_concept_loss_rewards_a_patch_that_matches_each_named_concept() -> None:
+    concepts = torch.eye(3)
+    targets = torch.tensor([[0.5, 0.5, 0.0]])
+    both = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])  # one patch per named concept
+    one = torch.tensor([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]])  # concept 1 is named but nowhere
+    scale = torch.tensor(math.log(10.0))
+    assert float(dense_concept_loss(both, concepts, targets, scale)) < float(dense_concept_loss(one, concepts,
+                                                                                                 targets, scale))
+
+
+def test_concept_targets_are_uniform_over_the_visible_concepts() -> None:
+    t = concept_targets([(1, 3), (), (2, 2)], 4)
+    assert t.tolist() == [[0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
+
+
 def test_learning_rate_warms_up_linearly_then_decays_to_zero() -> None:
     assert learning_rate(0, 100, 1.0, 10) == pytest.approx(0.1)
     assert learning_rate(9, 100, 1.0, 10) == pytest.approx(1.0)
@@ -93,6 +123,7 @@ def test_shipped_recipe_matches_the_prototypes_best_configuration() -> None:
     assert oc["text_cfg"]["context_length"] == 16 and oc["embed_dim"] == 128
     assert (recipe.batch_size, recipe.lr, recipe.warmup_steps) == (128, 2e-3, 100)
     assert recipe.objects_p == (0.8, 0.12, 0.08)
+    assert recipe.dense_weight == 1.0 and recipe.steps is not None  # R1: the dense term, a reproducible length
     assert ClipRecipe.from_dict(recipe.to_dict()) == recipe
 
 
@@ -104,6 +135,8 @@ def test_recipe_rejects_bad_input(tmp_path) -> None:
         ClipRecipe.from_dict({**d, "steps": None, "minutes": None})
     with pytest.raises(ValueError, match="pos_init"):
         ClipRecipe.from_dict({**d, "pos_init": "rope"})
+    with pytest.raises(ValueError, match="dense_weight"):
+        ClipRecipe.from_dict({**d, "dense_weight": -1.0})
     with pytest.raises(FileNotFoundError, match="nope.json"):
         ClipRecipe.load(tmp_path / "nope.json")
 
@@ -143,6 +176,17 @@ def test_pretrain_clip_is_deterministic_and_writes_metrics(tmp_path) -> None:
     for key in ("acc", "acc_seen", "acc_unseen", "bare_name_acc", "interpolated_pos_acc", "acc_at_128px"):
         assert 0.0 <= final[key] <= 1.0
     assert load_clip(a).config == mini_recipe().model_config
+
+
+def test_the_dense_term_changes_training_and_reports_text_separation(tmp_path) -> None:
+    plain, _ = train_clip(mini_recipe(), log=lambda s: None, progress=False)
+    dense, metrics = train_clip(mini_recipe(dense_weight=1.0), log=lambda s: None, progress=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(plain.visual(x), dense.visual(x))
+    final = metrics["final"]
+    assert -1.0 <= final["text_max_cosine"] <= 1.0 and len(final["text_max_cosine_pair"]) == 2
+    assert 0 <= final["text_pairs_above_0.9"] <= 64 * 63 // 2
 
 
 def test_cli_rejects_a_non_safetensors_output(tmp_path) -> None:

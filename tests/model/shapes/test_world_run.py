@@ -71,6 +71,12 @@ def test_world_stages_are_built_once_and_keyed_by_their_inputs(built):
     more = prepare_world(WorldConfig(**_world(root, test_scenes=5)), root / "cache", log=lambda m: None)
     assert more.test_dir != first.test_dir and more.clip_weights == first.clip_weights
 
+    # a finished CLIP file (the shipped one, in real use) replaces the pre-training stage; the rest is shared
+    logs.clear()
+    given = prepare_world(WorldConfig(**_world(root, clip_recipe=None, clip_weights=str(first.clip_weights))),
+                          root / "cache", log=logs.append)
+    assert given == first and sum("cached" in m for m in logs) == 3
+
 
 def test_index_uses_the_normalisation_its_clip_was_trained_with(tmp_path):
     from model.backbone import build_text_tower, build_vision_tower
@@ -88,6 +94,12 @@ def test_index_uses_the_normalisation_its_clip_was_trained_with(tmp_path):
 def test_world_section_validation_names_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="clip_recipe"):
         WorldConfig(clip_recipe=str(tmp_path / "missing.json"))
+    with pytest.raises(FileNotFoundError, match="clip_weights: file not found: .*gone.safetensors"):
+        WorldConfig(clip_weights=str(tmp_path / "gone.safetensors"))
+    with pytest.raises(ValueError, match="exactly one of clip_recipe"):
+        WorldConfig(**_world(tmp_path, clip_weights=str(tmp_path / "recipe.json")))
+    with pytest.raises(ValueError, match="exactly one of clip_recipe"):
+        WorldConfig()
     with pytest.raises(ValueError, match="masks"):
         WorldConfig(**_world(tmp_path, masks="oracle"))
     with pytest.raises(ValueError, match="unknown key"):

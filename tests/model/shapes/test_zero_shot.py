@@ -10,8 +10,9 @@ import torch
 from model.config import tiny_test_config
 from model.shapes.clip_pretrain import build_clip
 from model.shapes.world import ShapesWorld
-from model.shapes.zero_shot import (accuracy_by_split, encode_image_interpolated, images_to_tensor,
-                                    render_eval_set)
+from model.backbone import encode_patch_tokens
+from model.shapes.zero_shot import (accuracy_by_split, encode_image_and_tokens, encode_image_interpolated,
+                                    images_to_tensor, render_eval_set)
 
 WORLD = ShapesWorld()
 
@@ -48,6 +49,18 @@ def test_encode_image_interpolated_matches_open_clip_when_positions_are_constant
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(encode_image_interpolated(visual, x), visual(x), rtol=1e-4, atol=1e-5)
     assert encode_image_interpolated(visual, torch.randn(1, 3, 128, 96)).shape == (1, 32)
+
+
+def test_encode_image_and_tokens_projects_the_tokens_zutis_reads() -> None:
+    towers = build_clip(tiny_test_config(conv_stem=(8, 16)), seed=2)
+    visual = towers.visual.eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        pooled, tokens = encode_image_and_tokens(visual, x)
+        patch, h, w = encode_patch_tokens(visual, x)
+    assert tokens.shape == (2, h * w, visual.proj.shape[1])
+    torch.testing.assert_close(tokens, patch @ visual.proj)
+    torch.testing.assert_close(pooled, encode_image_interpolated(visual, x))
 
 
 def test_render_eval_set_has_every_concept_alone_and_is_reproducible() -> None:
