@@ -6,9 +6,11 @@ import ast
 import asyncio
 import base64
 import io
+import json
 import re
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -20,6 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from tests.live_service import REPO_ROOT
+from tests.support import free_port
 from zutis_client import AsyncClient, Client, RetryPolicy, SegmentResult, ZutisError, decode_rle
 
 pytestmark = pytest.mark.integration
@@ -122,17 +125,11 @@ def test_errors_carry_the_service_type_and_message(live_url):
     assert "score_threshold" in bad_value.value.message
     assert not_an_image.value.status in (400, 415)
     assert not_an_image.value.type in ("invalid_image", "unsupported_media_type")
-    with Client(f"http://127.0.0.1:{_closed_port()}", timeout_s=2) as nowhere:
+    with Client(f"http://127.0.0.1:{free_port()}", timeout_s=2) as nowhere:
         assert not nowhere.ready()
         with pytest.raises(ZutisError) as refused:
             nowhere.segment(EXAMPLES[0], CONCEPTS)
     assert refused.value.type == "connection_error" and refused.value.status is None
-
-
-def _closed_port() -> int:
-    from tests.support import free_port
-
-    return free_port()
 
 
 def test_api_key_is_sent(serve):
@@ -185,7 +182,7 @@ def test_retry_wait_is_bounded(serve):
 
 def test_retry_succeeds_once_the_service_is_ready(serve):
     url, predictor = serve(ready=False, retry_after_s=1)
-    opener = __import__("threading").Timer(1.5, predictor.gate.set)
+    opener = threading.Timer(1.5, predictor.gate.set)
     opener.start()
     try:
         with Client(url, retry=RetryPolicy(retries=10, max_wait_s=2)) as client:
@@ -196,7 +193,7 @@ def test_retry_succeeds_once_the_service_is_ready(serve):
     assert rejections(url, "not_ready") >= 1
 
 
-def test_client_package_needs_no_torch():
+def test_client_package_needs_no_torch(live_url, tmp_path):
     # Its declared dependencies and its imports: nothing from torch or from this repository's model/service.
     project = tomllib.loads((CLIENT_DIR / "pyproject.toml").read_text())["project"]
     declared = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
@@ -207,6 +204,10 @@ def test_client_package_needs_no_torch():
         modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         roots = {m.split(".")[0] for m in modules}
         assert not roots & {"torch", "model", "service", "open_clip", "pycocotools"}, (path.name, roots)
-    code = ("import sys, zutis_client, zutis_client.cli, zutis_client.overlay; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=CLIENT_DIR)
+    # The library and the command line at work with torch made unimportable (None in sys.modules: ImportError).
+    code = ("import sys; sys.modules['torch'] = None; from zutis_client.cli import main; "
+            f"sys.exit(main(['--url', {live_url!r}, 'segment', {str(EXAMPLES[0])!r}, '--concepts', 'red circle', "
+            f"'--no-progress', '--out', {str(tmp_path / 'out.json')!r}, '--overlay-dir', {str(tmp_path)!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=CLIENT_DIR, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "answer" in json.loads((tmp_path / "out.json").read_text())["results"][0]
