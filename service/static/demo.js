@@ -63,7 +63,8 @@ function setFile(file) {
   if (!file) return;
   state.file = file;
   $("drop-text").textContent = file.name;
-  createImageBitmap(file).then((bitmap) => {
+  // EXIF orientation applied, as a camera's viewer shows the photo.
+  createImageBitmap(file, { imageOrientation: "from-image" }).then((bitmap) => {
     state.bitmap = bitmap;
     clearAnswer();
     drawPhoto(bitmap.width, bitmap.height);
