@@ -187,3 +187,30 @@ def test_autoscaler_reads_a_metric_the_service_exports():
     for trigger in scaled["spec"]["triggers"]:
         used = set(re.findall(r"\b(zutis_[a-z_]+)\b", trigger["metadata"]["query"]))
         assert used and used <= exported, used - exported
+
+
+def test_kustomize_renders_the_kustomization():
+    # `kubectl kustomize` needs no cluster; where kubectl is installed, the rendered output is what gets applied.
+    import subprocess
+
+    import kubernetes_validate
+
+    from tests.deploy.support import find_executable
+
+    kubectl = find_executable("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed (optional: the checks above read the files directly)")
+    rendered = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    assert rendered.returncode == 0, rendered.stderr
+    docs = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == sorted(
+        (d["kind"], d["metadata"]["name"]) for d in resources())
+    image = kustomization()["images"][0]
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == kustomization()["namespace"], doc["kind"]
+        if (doc["apiVersion"], doc["kind"]) not in CUSTOM_KINDS:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSIONS[-1], strict=True)
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (spec,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert spec["image"] == f"{image['newName']}:{image['newTag']}"
