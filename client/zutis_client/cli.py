@@ -183,6 +183,9 @@ def coco_results(records: list[dict[str, Any]], ids: CocoIds) -> tuple[list[dict
 
 
 def run_segment(args: argparse.Namespace) -> int:
+    if args.coco_gt is not None and not args.coco_results:
+        print("zutis-client: error: --coco-gt only makes sense with --coco-results", file=sys.stderr)
+        return 2
     concepts = split_concepts(args.concepts)
     if not concepts:
         print("zutis-client: error: --concepts has no concept names", file=sys.stderr)

@@ -130,3 +130,10 @@ def test_bad_arguments_exit_2(tmp_path):
     assert missing.returncode == 2 and "no such file or folder" in missing.stderr
     assert zutis_client("segment", str(EXAMPLES[0]), "--concepts", " , ").returncode == 2
     assert zutis_client("segment", str(EXAMPLES[0])).returncode == 2
+    lone_gt = zutis_client("segment", str(EXAMPLES[0]), "--concepts", "cat", "--coco-gt", str(EXAMPLES[0]))
+    assert lone_gt.returncode == 2 and "--coco-results" in lone_gt.stderr
+    unknown = tmp_path / "gt.json"
+    unknown.write_text('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "dog"}]}')
+    wrong_gt = zutis_client("segment", str(EXAMPLES[0]), "--concepts", "cat", "--coco-results", "--coco-gt",
+                            str(unknown))
+    assert wrong_gt.returncode == 2 and "not categories" in wrong_gt.stderr
