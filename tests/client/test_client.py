@@ -211,3 +211,18 @@ def test_client_package_needs_no_torch(live_url, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=CLIENT_DIR, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "answer" in json.loads((tmp_path / "out.json").read_text())["results"][0]
+
+
+def test_retry_policy_reads_retry_after_in_both_forms_and_caps_the_wait():
+    import email.utils
+
+    policy = RetryPolicy(retries=3, max_wait_s=5.0, backoff_s=0.5)
+    seconds = httpx.Response(503, headers={"Retry-After": "2"})
+    in_a_minute = httpx.Response(503, headers={"Retry-After": email.utils.formatdate(time.time() + 60, usegmt=True)})
+    bare = httpx.Response(503)
+    assert policy.delay_s(seconds, 0) == 2.0
+    assert policy.delay_s(in_a_minute, 0) == 5.0, "an HTTP date a minute away, capped at max_wait_s"
+    assert [policy.delay_s(bare, attempt) for attempt in range(4)] == [0.5, 1.0, 2.0, None]
+    assert policy.delay_s(httpx.Response(500), 0) is None and policy.delay_s(httpx.Response(429), 0) is None
+    with pytest.raises(ValueError):
+        RetryPolicy(retries=-1)
