@@ -18,6 +18,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestMetrics
 from service.routes import ops, segment
+from service.routes.demo import install_demo
 from service.settings import Settings
 from service.version import VERSION
 
@@ -26,7 +27,9 @@ log = logging.getLogger("service")
 DESCRIPTION = """Zero-shot, open-vocabulary instance and semantic segmentation (ZUTIS).
 
 `POST /segment` takes an image and any list of concepts. Errors are `{"error": "...", "type": "..."}`.
-`/healthz`, `/readyz` and `/metrics` need no API key; `/segment` and `/info` do when `ZUTIS_API_KEY` is set."""
+`/healthz`, `/readyz` and `/metrics` need no API key; `/segment` and `/info` do when `ZUTIS_API_KEY` is set.
+
+Try it in the browser: [the demo page](/) draws the answer over your image."""
 
 
 def check_checkpoint(settings: Settings) -> None:
@@ -87,6 +90,7 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[], Predict
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(segment.router)
+    install_demo(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, on_reject=metrics.count_rejection)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees the 413s too
     return app

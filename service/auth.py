@@ -1,7 +1,8 @@
 """The optional API key (``ZUTIS_API_KEY``): ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
 
 It guards ``POST /segment`` and ``GET /info``. ``/healthz``, ``/readyz`` (probes), ``/metrics`` (Prometheus) and
-the OpenAPI pages stay open: keep ``/metrics`` off the public network (deploy/nginx hides it).
+the OpenAPI pages and the demo page (``/``, ``/demo/*``; its users type the key into it) stay open: keep
+``/metrics`` off the public network (deploy/nginx hides it).
 """
 
 from __future__ import annotations

@@ -1,0 +1,228 @@
+"""``zutis-client``: segment many images with a running zutis-service, concurrently.
+
+    zutis-client [--url URL] [--api-key KEY] segment IMAGES_OR_FOLDERS... --concepts C [C ...]
+                 [--out results.json] [--coco-results [--coco-gt instances.json]] [--overlay-dir DIR]
+                 [--concurrency 8]
+
+The URL defaults to ``$ZUTIS_URL`` or http://127.0.0.1:8000, the key to ``$ZUTIS_API_KEY``. Writes every answer
+as JSON (``{"results": [{"image", "answer"} | {"image", "error"}]}``) or, with ``--coco-results``, one COCO results
+list that ``pycocotools`` scores. Exit status: 0 when every image was answered, 1 when some failed (the others are
+still written), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from zutis_client.client import DEFAULT_URL, AsyncClient
+from zutis_client.errors import ZutisError
+from zutis_client.result import SegmentResult
+from zutis_client.retry import RetryPolicy
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zutis-client", description="Client of zutis-service.")
+    parser.add_argument("--url", default=os.environ.get("ZUTIS_URL", DEFAULT_URL),
+                        help="the service's base URL (default: $ZUTIS_URL or %(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("ZUTIS_API_KEY"),
+                        help="API key, sent as X-API-Key (default: $ZUTIS_API_KEY)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
+    parser.add_argument("--retries", type=int, default=3, help="retries of 503 answers (Retry-After honoured)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    seg = commands.add_parser("segment", help="segment images or folders of images")
+    seg.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
+    seg.add_argument("--concepts", nargs="+", required=True,
+                     help="concept names; several arguments and/or comma-separated")
+    seg.add_argument("--out", type=Path, help="write the JSON here instead of standard output")
+    seg.add_argument("--coco-results", action="store_true",
+                     help="write one COCO results list (image_id, category_id, segmentation, bbox, score)")
+    seg.add_argument("--coco-gt", type=Path,
+                     help="a COCO instances file: image ids by file name, category ids by category name")
+    seg.add_argument("--overlay-dir", type=Path, help="also write each image with its answer drawn, as PNG")
+    seg.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    seg.add_argument("--score-threshold", type=float)
+    seg.add_argument("--mask-threshold", type=float)
+    seg.add_argument("--nms-iou", type=float)
+    seg.add_argument("--max-instances", type=int)
+    seg.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def normalise_concept(name: str) -> str:
+    """A concept name as the service reports it: whitespace collapsed, lower case."""
+    return re.sub(r"\s+", " ", name).strip().lower()
+
+
+def split_concepts(values: Sequence[str]) -> list[str]:
+    """Arguments (each possibly comma-separated) -> distinct normalised names, in order."""
+    names: list[str] = []
+    for value in values:
+        for part in value.split(","):
+            name = normalise_concept(part)
+            if name and name != "background" and name not in names:
+                names.append(name)
+    return names
+
+
+def find_images(inputs: Sequence[Path]) -> list[Path]:
+    """Files as given, folders searched recursively for image suffixes (sorted); duplicates dropped.
+
+    Raises:
+        FileNotFoundError: an input does not exist.
+    """
+    found: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+    return list(dict.fromkeys(found))
+
+
+class CocoIds:
+    """Image and category ids of a COCO results file: from a ground-truth file when given (image by file name,
+    category by normalised name), else 1..N in input order and 1..K in concept order."""
+
+    def __init__(self, images: Sequence[Path], concepts: Sequence[str], gt: Path | None) -> None:
+        if gt is None:
+            self.images = {str(path): i + 1 for i, path in enumerate(images)}
+            self.categories = {name: k + 1 for k, name in enumerate(concepts)}
+            return
+        data = json.loads(gt.read_text(encoding="utf-8"))
+        by_name = {Path(image["file_name"]).name: int(image["id"]) for image in data["images"]}
+        self.images = {str(path): by_name[path.name] for path in images if path.name in by_name}
+        self.categories = {normalise_concept(c["name"]): int(c["id"]) for c in data["categories"]}
+        unknown = [name for name in concepts if name not in self.categories]
+        if unknown:
+            raise ValueError(f"concepts {unknown} are not categories of {gt}")
+
+    def image_id(self, path: Path) -> int:
+        if str(path) not in self.images:
+            raise ZutisError("unknown_image", f"{path.name} is not an image of the ground-truth file")
+        return self.images[str(path)]
+
+
+def overlay_name(path: Path, taken: set[str]) -> str:
+    """``<stem>.png``, or ``<stem>-2.png``... when another input had the same stem."""
+    name, n = f"{path.stem}.png", 1
+    while name in taken:
+        n += 1
+        name = f"{path.stem}-{n}.png"
+    taken.add(name)
+    return name
+
+
+async def segment_all(args: argparse.Namespace, images: list[Path], concepts: list[str]) -> list[dict[str, Any]]:
+    """Segment ``images`` with at most ``args.concurrency`` requests in flight; one record per image, in order."""
+    records: list[dict[str, Any]] = [{} for _ in images]
+    names: set[str] = set()
+    overlays = [overlay_name(p, names) for p in images] if args.overlay_dir else []
+    if args.overlay_dir:
+        args.overlay_dir.mkdir(parents=True, exist_ok=True)
+    gate = asyncio.Semaphore(max(1, args.concurrency))
+    progress = tqdm(total=len(images), unit="img", disable=args.no_progress, file=sys.stderr)
+    async with AsyncClient(args.url, args.api_key, timeout_s=args.timeout, retry=RetryPolicy(retries=args.retries),
+                           max_connections=max(1, args.concurrency)) as client:
+
+        async def one(index: int, path: Path) -> None:
+            async with gate:
+                try:
+                    data = await asyncio.to_thread(path.read_bytes)
+                    result = await client.segment(data, concepts, score_threshold=args.score_threshold,
+                                                  mask_threshold=args.mask_threshold, nms_iou=args.nms_iou,
+                                                  max_instances=args.max_instances)
+                    records[index] = {"image": str(path), "answer": result.raw}
+                    if args.overlay_dir:
+                        picture = await asyncio.to_thread(result.overlay, data)
+                        await asyncio.to_thread(picture.save, args.overlay_dir / overlays[index])
+                except ZutisError as exc:
+                    records[index] = {"image": str(path), "error": {"type": exc.type, "message": exc.message,
+                                                                    "status": exc.status}}
+                    progress.write(f"{path}: {exc}", file=sys.stderr)
+                except OSError as exc:
+                    records[index] = {"image": str(path), "error": {"type": "unreadable", "message": str(exc),
+                                                                    "status": None}}
+                    progress.write(f"{path}: {exc}", file=sys.stderr)
+                progress.update(1)
+
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(images)))
+    progress.close()
+    return records
+
+
+def coco_results(records: list[dict[str, Any]], ids: CocoIds) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The COCO results list of the answered records, and the records that could not be converted."""
+    results: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    for record in records:
+        if "answer" not in record:
+            failed.append(record)
+            continue
+        try:
+            image_id = ids.image_id(Path(record["image"]))
+        except ZutisError as exc:
+            failed.append({"image": record["image"], "error": {"type": exc.type, "message": exc.message,
+                                                               "status": None}})
+            continue
+        results.extend(SegmentResult.from_json(record["answer"]).to_coco(image_id, ids.categories))
+    return results, failed
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    if args.coco_gt is not None and not args.coco_results:
+        print("zutis-client: error: --coco-gt only makes sense with --coco-results", file=sys.stderr)
+        return 2
+    concepts = split_concepts(args.concepts)
+    if not concepts:
+        print("zutis-client: error: --concepts has no concept names", file=sys.stderr)
+        return 2
+    try:
+        images = find_images(args.inputs)
+        ids = CocoIds(images, concepts, args.coco_gt) if args.coco_results else None
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"zutis-client: error: {exc}", file=sys.stderr)
+        return 2
+    if not images:
+        print("zutis-client: error: no images found in the inputs", file=sys.stderr)
+        return 2
+    records = asyncio.run(segment_all(args, images, concepts))
+    failed = [r for r in records if "error" in r]
+    if ids is not None:
+        output: Any
+        output, failed = coco_results(records, ids)
+    else:
+        output = {"url": args.url, "concepts": concepts, "results": records}
+    text = json.dumps(output)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n", encoding="utf-8")
+    else:
+        sys.stdout.write(text + "\n")
+    print(f"zutis-client: {len(images) - len(failed)} of {len(images)} image(s) answered", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``zutis-client`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.command == "segment":
+        return run_segment(args)
+    return 2  # pragma: no cover (argparse requires a command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""The client's one exception type."""
+
+from __future__ import annotations
+
+
+class ZutisError(Exception):
+    """A request that did not give an answer.
+
+    Attributes:
+        type: the service's machine code (``invalid_request``, ``unauthorized``, ``queue_full``, ...) or, for
+            failures before an answer, ``timeout``, ``connection_error`` or ``http_error`` (an answer that is not
+            the service's JSON error body).
+        message: the service's sentence (or the transport's).
+        status: the HTTP status, None when no answer came.
+        retry_after_s: the answer's ``Retry-After`` in seconds, when it had one.
+    """
+
+    def __init__(self, type: str, message: str, status: int | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(f"{message} ({type}" + (f", HTTP {status})" if status is not None else ")"))
+        self.type = type
+        self.message = message
+        self.status = status
+        self.retry_after_s = retry_after_s
