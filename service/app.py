@@ -14,9 +14,10 @@ from fastapi import FastAPI
 from model.checkpoint import read_metadata
 from model.predictor import Predictor
 from service.engine import Engine, EngineConfig
+from service.auth import ApiKeyGate, guarded_paths
 from service.errors import install_error_handlers
 from service.metrics import Metrics
-from service.middleware import BodySizeLimit, RequestMetrics
+from service.middleware import BodySizeLimit, RequestMetrics, RequireMultipart, upload_paths
 from service.routes import ops, segment
 from service.settings import Settings
 from service.version import VERSION
@@ -87,6 +88,12 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[], Predict
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(segment.router)
+    # Innermost first: nothing below reads a body before the key and the content type are checked. Which routes
+    # need the key or take uploads is read from the OpenAPI document (so: add routes before these lines).
+    openapi = app.openapi()
+    app.add_middleware(RequireMultipart, paths=upload_paths(openapi), on_reject=metrics.count_rejection)
+    app.add_middleware(ApiKeyGate, api_key=settings.api_key, paths=guarded_paths(openapi),
+                       on_reject=metrics.count_rejection)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, on_reject=metrics.count_rejection)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees the 413s too
     return app
