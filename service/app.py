@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -78,8 +79,11 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[], Predict
         try:
             yield
         finally:
+            # service.server sets shutdown_deadline (time.monotonic()) when a signal started the drain.
+            deadline = getattr(app.state, "shutdown_deadline", None)
+            timeout = settings.drain_timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
             log.info("draining: waiting for %d request(s)", engine.admitted)
-            await anyio.to_thread.run_sync(engine.stop, settings.drain_timeout_s)
+            await anyio.to_thread.run_sync(engine.stop, timeout)
             log.info("stopped")
 
     app = FastAPI(title="zutis-service", version=VERSION, description=DESCRIPTION, lifespan=lifespan)

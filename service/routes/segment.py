@@ -73,9 +73,17 @@ async def segment(
             params = params.with_overrides(max_instances=settings.max_instances)
         # The upload is read in the pool: only the jobs being decoded hold image bytes in memory; waiting ones keep
         # Starlette's spooled file (at most 1 MB in memory, the rest on disk).
-        job = await engine.run_in_pool(_prepare_job, predictor, engine, image.file, names, params, semantic,
-                                       settings.max_image_pixels, settings.exif_orientation, arrived, deadline)
-        answer = await _await_answer(request, engine, job, settings.request_timeout_s)
+        try:
+            job = await engine.run_in_pool(_prepare_job, predictor, engine, image.file, names, params, semantic,
+                                           settings.max_image_pixels, settings.exif_orientation, arrived, deadline)
+            answer = await _await_answer(request, engine, job, settings.request_timeout_s)
+        except asyncio.CancelledError:
+            if not engine.refusing:
+                raise
+            # uvicorn cancels what is left when the drain timeout passes: answer 503 rather than its plain 500.
+            raise ServiceError("draining", "the service shut down before the answer was ready (drain timeout); "
+                               "retry on another replica", {"Retry-After": str(settings.retry_after_s),
+                                                            "Connection": "close"}) from None
     return Response(answer.body, media_type="application/json", headers={
         "x-queue-time": f"{answer.timings.queue_ms:.3f}",
         "x-inference-time": f"{answer.timings.inference_ms:.3f}",
