@@ -16,6 +16,7 @@ from model.checkpoint import read_metadata
 from model.predictor import Predictor
 from service.engine import Engine, EngineConfig
 from service.auth import ApiKeyGate, guarded_paths
+from service.docs import install_docs
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestMetrics, RequireMultipart, upload_paths
@@ -86,7 +87,9 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[], Predict
             await anyio.to_thread.run_sync(engine.stop, timeout)
             log.info("stopped")
 
-    app = FastAPI(title="zutis-service", version=VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="zutis-service", version=VERSION, description=DESCRIPTION, lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
+    install_docs(app)  # /docs with Swagger UI's files served here, not from a CDN
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app)

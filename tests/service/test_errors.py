@@ -176,3 +176,18 @@ def test_a_body_that_is_not_multipart_is_400(client):
 def test_nan_and_infinities_are_named_as_such(client, field, value):
     assert_error(segment(client, png_bytes(20, 20), "cat", **{field: value}), 422, "invalid_request", field,
                  "finite number")
+
+
+def test_docs_are_served_without_a_cdn(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    assert "http://" not in page.text and "https://" not in page.text, "the page loads something from outside"
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert len(assets) == 3, assets
+    for asset in assets:
+        answer = client.get(asset)
+        assert answer.status_code == 200 and len(answer.content) > 500, asset
+    assert "javascript" in client.get("/docs/assets/swagger-ui-bundle.js").headers["content-type"]
+    assert client.get("/docs/oauth2-redirect").status_code == 200
+    assert client.get("/openapi.json").json()["openapi"].startswith("3.")
+    assert_error(client.get("/redoc"), 404, "not_found")

@@ -1,0 +1,186 @@
+"""Huge request heads against the service under each HTTP protocol: does one client's header stall the others?
+
+For each protocol the service's app (real checkpoint, loaded and warm) is served by uvicorn in a child process;
+``--attackers`` clients then send 64 MB header lines over and over for ``--seconds`` while one client measures
+``GET /healthz`` latency. Reported per protocol: /healthz p50 / p99 / max before and during the attack, what the
+attackers got (status, seconds to the answer) and the server's RSS afterwards.
+
+Protocols: ``bounded`` (service.protocol: httptools with a 64 KiB head limit, what ``python -m service`` runs),
+``httptools`` (uvicorn's default, no limit), ``h11`` (uvicorn's h11 with its default 16 KiB incomplete-event
+limit), ``h11-64k`` (h11 with ``h11_max_incomplete_event_size=65536``).
+
+    nice -n 10 python benchmarks/header_bench.py --checkpoint weights/zutis-shapes.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTOCOLS = ("bounded", "httptools", "h11", "h11-64k")
+
+
+def serve(protocol: str, port: int) -> None:
+    """Child process: the service's app under uvicorn with ``protocol``."""
+    sys.path.insert(0, str(ROOT))
+    import uvicorn
+
+    from service.app import create_app
+    from service.protocol import bounded_head_protocol
+    from service.settings import Settings
+
+    settings = Settings()
+    app = create_app(settings)
+    options: dict = {"http": {"bounded": bounded_head_protocol(settings.max_header_bytes),
+                              "httptools": "httptools", "h11": "h11", "h11-64k": "h11"}[protocol]}
+    if protocol == "h11-64k":
+        options["h11_max_incomplete_event_size"] = 65536
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", **options)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def attack_once(port: int, size: int) -> tuple[str, float]:
+    """Send a ``size``-byte header line; return the status line (or the error) and the seconds to it."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: "
+    start = time.perf_counter()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            try:
+                sock.sendall(head)
+                chunk = b"a" * (1 << 20)
+                for _ in range(size // len(chunk)):
+                    sock.sendall(chunk)
+                sock.sendall(b"\r\n\r\n")
+            except OSError:
+                pass  # the server stopped reading: its answer may be waiting
+            answer = sock.recv(200)
+        status = answer.split(b"\r\n", 1)[0].decode(errors="replace") or "closed without an answer"
+    except OSError as error:
+        status = type(error).__name__
+    return status, time.perf_counter() - start
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"n": len(ordered), "p50_ms": round(pick(0.5) * 1000, 2), "p99_ms": round(pick(0.99) * 1000, 2),
+            "max_ms": round(ordered[-1] * 1000, 2)}
+
+
+def probe(base: str, stop: threading.Event, seconds: float, out: list[float]) -> None:
+    with httpx.Client(base_url=base, timeout=60) as client:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not stop.is_set():
+            start = time.perf_counter()
+            client.get("/healthz")
+            out.append(time.perf_counter() - start)
+            time.sleep(0.02)
+
+
+def run(protocol: str, checkpoint: str, attackers: int, seconds: float, size: int) -> dict:
+    port = free_port()
+    env = {**os.environ, "ZUTIS_CHECKPOINT": checkpoint, "ZUTIS_DEVICE": "cpu", "ZUTIS_MAX_BATCH_SIZE": "1",
+           "ZUTIS_TORCH_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, __file__, "--serve", protocol, "--port", str(port)], env=env,
+                               cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"{protocol}: the service did not become ready")
+            time.sleep(0.2)
+        rss_before = rss_mb(process.pid)
+        quiet: list[float] = []
+        probe(base, threading.Event(), 3.0, quiet)
+
+        results: list[tuple[str, float]] = []
+        stop = threading.Event()
+
+        def attacker() -> None:
+            while not stop.is_set():
+                results.append(attack_once(port, size))
+
+        threads = [threading.Thread(target=attacker, daemon=True) for _ in range(attackers)]
+        loaded: list[float] = []
+        for thread in threads:
+            thread.start()
+        time.sleep(0.2)
+        rss_peak = rss_before
+        prober = threading.Thread(target=probe, args=(base, stop, seconds, loaded))
+        prober.start()
+        while prober.is_alive():
+            rss_peak = max(rss_peak, rss_mb(process.pid))
+            time.sleep(0.1)
+        stop.set()
+        for thread in threads:
+            thread.join(120)
+        statuses: dict[str, int] = {}
+        for status, _ in results:
+            statuses[status] = statuses.get(status, 0) + 1
+        return {"protocol": protocol, "healthz_quiet": percentiles(quiet), "healthz_under_attack": percentiles(loaded),
+                "attacks": len(results), "attack_answers": statuses,
+                "attack_seconds_p50": round(statistics.median(s for _, s in results), 3) if results else None,
+                "rss_mb_before": round(rss_before, 1), "rss_mb_peak": round(rss_peak, 1)}
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="weights/zutis-shapes.safetensors")
+    parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    parser.add_argument("--attackers", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--header-mb", type=int, default=64)
+    parser.add_argument("--out", type=Path, help="also write the results here (JSON)")
+    parser.add_argument("--serve", choices=PROTOCOLS, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.port)
+        return 0
+    reports = []
+    for protocol in args.protocols:
+        report = run(protocol, args.checkpoint, args.attackers, args.seconds, args.header_mb << 20)
+        print(json.dumps(report), flush=True)
+        reports.append(report)
+    if args.out:
+        args.out.write_text(json.dumps(reports, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
