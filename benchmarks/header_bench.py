@@ -1,8 +1,8 @@
 """Huge request heads against the service under each HTTP protocol: does one client's header stall the others?
 
 For each protocol the service's app (real checkpoint, loaded and warm) is served by uvicorn in a child process;
-``--attackers`` clients then send 64 MB header lines over and over for ``--seconds`` while one client measures
-``GET /healthz`` latency. Reported per protocol: /healthz p50 / p99 / max before and during the attack, what the
+``--attackers`` client processes then each send a 64 MB header line every ``--interval`` seconds (or back to back
+when an answer takes longer) for ``--seconds``, while this process measures ``GET /healthz`` latency. Reported per protocol: /healthz p50 / p99 / max before and during the attack, what the
 attackers got (status, seconds to the answer) and the server's RSS afterwards.
 
 Protocols: ``bounded`` (service.protocol: httptools with a 64 KiB head limit, what ``python -m service`` runs),
@@ -46,7 +46,7 @@ def serve(protocol: str, port: int) -> None:
                               "httptools": "httptools", "h11": "h11", "h11-64k": "h11"}[protocol]}
     if protocol == "h11-64k":
         options["h11_max_incomplete_event_size"] = 65536
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", **options)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", **options)
 
 
 def free_port() -> int:
@@ -83,6 +83,17 @@ def attack_once(port: int, size: int) -> tuple[str, float]:
     return status, time.perf_counter() - start
 
 
+def attack(port: int, size: int, seconds: float, interval: float, out: Path) -> None:
+    """Attacker process: ``attack_once`` every ``interval`` s until ``seconds`` have passed; results to ``out``."""
+    end = time.monotonic() + seconds
+    results = []
+    while time.monotonic() < end:
+        began = time.monotonic()
+        results.append(attack_once(port, size))
+        time.sleep(max(0.0, interval - (time.monotonic() - began)))
+    out.write_text(json.dumps(results))
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
@@ -100,12 +111,12 @@ def probe(base: str, stop: threading.Event, seconds: float, out: list[float]) ->
             time.sleep(0.02)
 
 
-def run(protocol: str, checkpoint: str, attackers: int, seconds: float, size: int) -> dict:
+def run(protocol: str, checkpoint: str, attackers: int, seconds: float, size: int, interval: float) -> dict:
     port = free_port()
     env = {**os.environ, "ZUTIS_CHECKPOINT": checkpoint, "ZUTIS_DEVICE": "cpu", "ZUTIS_MAX_BATCH_SIZE": "1",
            "ZUTIS_TORCH_THREADS": "1"}
     process = subprocess.Popen([sys.executable, __file__, "--serve", protocol, "--port", str(port)], env=env,
-                               cwd=ROOT)
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -122,27 +133,23 @@ def run(protocol: str, checkpoint: str, attackers: int, seconds: float, size: in
         quiet: list[float] = []
         probe(base, threading.Event(), 3.0, quiet)
 
-        results: list[tuple[str, float]] = []
-        stop = threading.Event()
-
-        def attacker() -> None:
-            while not stop.is_set():
-                results.append(attack_once(port, size))
-
-        threads = [threading.Thread(target=attacker, daemon=True) for _ in range(attackers)]
+        attackers_out = [Path(f"/tmp/header_bench_{os.getpid()}_{k}.json") for k in range(attackers)]
+        procs = [subprocess.Popen([sys.executable, __file__, "--attack", str(port), "--size", str(size),
+                                   "--seconds", str(seconds + 0.5), "--interval", str(interval),
+                                   "--out", str(out)]) for out in attackers_out]
+        time.sleep(0.5)
         loaded: list[float] = []
-        for thread in threads:
-            thread.start()
-        time.sleep(0.2)
         rss_peak = rss_before
-        prober = threading.Thread(target=probe, args=(base, stop, seconds, loaded))
+        prober = threading.Thread(target=probe, args=(base, threading.Event(), seconds, loaded))
         prober.start()
         while prober.is_alive():
             rss_peak = max(rss_peak, rss_mb(process.pid))
             time.sleep(0.1)
-        stop.set()
-        for thread in threads:
-            thread.join(120)
+        results: list[tuple[str, float]] = []
+        for proc, out in zip(procs, attackers_out):
+            proc.wait(300)
+            results += [tuple(r) for r in json.loads(out.read_text())]
+            out.unlink()
         statuses: dict[str, int] = {}
         for status, _ in results:
             statuses[status] = statuses.get(status, 0) + 1
@@ -165,16 +172,22 @@ def main() -> int:
     parser.add_argument("--attackers", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--header-mb", type=int, default=64)
+    parser.add_argument("--interval", type=float, default=0.1, help="seconds between one attacker's attacks")
     parser.add_argument("--out", type=Path, help="also write the results here (JSON)")
     parser.add_argument("--serve", choices=PROTOCOLS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--attack", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.attack:
+        attack(args.attack, args.size, args.seconds, args.interval, args.out)
+        return 0
     if args.serve:
         serve(args.serve, args.port)
         return 0
     reports = []
     for protocol in args.protocols:
-        report = run(protocol, args.checkpoint, args.attackers, args.seconds, args.header_mb << 20)
+        report = run(protocol, args.checkpoint, args.attackers, args.seconds, args.header_mb << 20, args.interval)
         print(json.dumps(report), flush=True)
         reports.append(report)
     if args.out:

@@ -9,8 +9,8 @@ head with a plain-text 400, and parses every request in pure Python (slower for 
 ``bounded_head_protocol`` keeps httptools and feeds it at most ``max_head_bytes`` of a request's head: once that
 many bytes have arrived without the end of the headers, the client gets 431 (with the service's JSON error body)
 and the connection is closed, having cost at most that much parsing. What the client still sends meanwhile is
-read and dropped for a moment (so that it can read the answer rather than a connection reset), then the
-connection closes regardless. Protocol errors answered here never reach the app or its middlewares.
+read and dropped, up to ``LINGER_BYTES`` or ``LINGER_S`` (so that a client slightly over the limit reads the
+answer rather than a connection reset), then the connection closes regardless. Protocol errors answered here never reach the app or its middlewares.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Callable, ClassVar
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 LINGER_S = 2.0  # how long a refused client may go on sending before the connection closes
+LINGER_BYTES = 1 << 20  # and how much
 
 
 def _head_too_large(limit: int) -> bytes:
@@ -47,10 +48,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._in_head = True
         self._refused = False
+        self._dropped = 0
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
-            return  # what a refused client still sends is dropped unparsed
+        if self._refused:  # what a refused client still sends is dropped unparsed, up to a point
+            self._dropped += len(data)
+            if self._dropped > LINGER_BYTES:
+                self.transport.close()
+            return
         while data:
             if not self._in_head:
                 super().data_received(data)
