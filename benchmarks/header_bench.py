@@ -2,8 +2,10 @@
 
 For each protocol the service's app (real checkpoint, loaded and warm) is served by uvicorn in a child process;
 ``--attackers`` client processes then each send a 64 MB header line every ``--interval`` seconds (or back to back
-when an answer takes longer) for ``--seconds``, while this process measures ``GET /healthz`` latency. Reported per protocol: /healthz p50 / p99 / max before and during the attack, what the
-attackers got (status, seconds to the answer) and the server's RSS afterwards.
+when an answer takes longer) for ``--seconds``, while this process measures ``GET /healthz`` latency. Reported per protocol: /healthz p50 / p99 / max before and during the attack; the
+server's event-loop lag (how late a 5 ms timer fires in the server: the stall every other request sees, free of
+the client side's CPU contention) p50 / p99 / max during the attack; what the attackers got (status, seconds to
+the answer); and the server's RSS before and at its peak.
 
 Protocols: ``bounded`` (service.protocol: httptools with a 64 KiB head limit, what ``python -m service`` runs),
 ``httptools`` (uvicorn's default, no limit), ``h11`` (uvicorn's h11 with its default 16 KiB incomplete-event
@@ -31,9 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("bounded", "httptools", "h11", "h11-64k")
 
 
-def serve(protocol: str, port: int) -> None:
-    """Child process: the service's app under uvicorn with ``protocol``."""
+def serve(protocol: str, port: int, lag_file: Path) -> None:
+    """Child process: the service's app under uvicorn with ``protocol``; event-loop lag samples (monotonic time,
+    seconds late) appended to ``lag_file`` twice a second."""
     sys.path.insert(0, str(ROOT))
+    import asyncio
+
     import uvicorn
 
     from service.app import create_app
@@ -46,7 +51,28 @@ def serve(protocol: str, port: int) -> None:
                               "httptools": "httptools", "h11": "h11", "h11-64k": "h11"}[protocol]}
     if protocol == "h11-64k":
         options["h11_max_incomplete_event_size"] = 65536
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", **options)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", **options))
+
+    async def watch_lag() -> None:
+        samples: list[str] = []
+        last_write = time.monotonic()
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            samples.append(f"{now:.4f} {now - before - 0.005:.5f}\n")
+            if now - last_write > 0.5:
+                with open(lag_file, "a") as out:
+                    out.writelines(samples)
+                samples.clear()
+                last_write = now
+
+    async def main() -> None:
+        watcher = asyncio.create_task(watch_lag())
+        await server.serve()
+        watcher.cancel()
+
+    asyncio.run(main())
 
 
 def free_port() -> int:
@@ -115,8 +141,11 @@ def run(protocol: str, checkpoint: str, attackers: int, seconds: float, size: in
     port = free_port()
     env = {**os.environ, "ZUTIS_CHECKPOINT": checkpoint, "ZUTIS_DEVICE": "cpu", "ZUTIS_MAX_BATCH_SIZE": "1",
            "ZUTIS_TORCH_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, __file__, "--serve", protocol, "--port", str(port)], env=env,
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lag_file = Path(f"/tmp/header_bench_lag_{os.getpid()}_{protocol}.txt")
+    lag_file.unlink(missing_ok=True)
+    process = subprocess.Popen([sys.executable, __file__, "--serve", protocol, "--port", str(port), "--out",
+                                str(lag_file)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -140,11 +169,13 @@ def run(protocol: str, checkpoint: str, attackers: int, seconds: float, size: in
         time.sleep(0.5)
         loaded: list[float] = []
         rss_peak = rss_before
+        attack_start = time.monotonic()
         prober = threading.Thread(target=probe, args=(base, threading.Event(), seconds, loaded))
         prober.start()
         while prober.is_alive():
             rss_peak = max(rss_peak, rss_mb(process.pid))
             time.sleep(0.1)
+        attack_end = time.monotonic()
         results: list[tuple[str, float]] = []
         for proc, out in zip(procs, attackers_out):
             proc.wait(300)
@@ -153,7 +184,12 @@ def run(protocol: str, checkpoint: str, attackers: int, seconds: float, size: in
         statuses: dict[str, int] = {}
         for status, _ in results:
             statuses[status] = statuses.get(status, 0) + 1
+        time.sleep(1.0)  # the last lag samples reach the file
+        lags = [float(lag) for t, lag in (line.split() for line in lag_file.read_text().splitlines())
+                if attack_start <= float(t) <= attack_end]
+        lag_file.unlink()
         return {"protocol": protocol, "healthz_quiet": percentiles(quiet), "healthz_under_attack": percentiles(loaded),
+                "loop_lag_under_attack": percentiles(lags),
                 "attacks": len(results), "attack_answers": statuses,
                 "attack_seconds_p50": round(statistics.median(s for _, s in results), 3) if results else None,
                 "rss_mb_before": round(rss_before, 1), "rss_mb_peak": round(rss_peak, 1)}
@@ -183,7 +219,7 @@ def main() -> int:
         attack(args.attack, args.size, args.seconds, args.interval, args.out)
         return 0
     if args.serve:
-        serve(args.serve, args.port)
+        serve(args.serve, args.port, args.out)
         return 0
     reports = []
     for protocol in args.protocols:

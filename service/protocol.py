@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 LINGER_S = 2.0  # how long a refused client may go on sending before the connection closes
-LINGER_BYTES = 1 << 20  # and how much
+LINGER_BYTES = 256 << 10  # and how much
 
 
 def _head_too_large(limit: int) -> bytes:
