@@ -220,6 +220,7 @@ def main() -> int:
         labels: dict[int, Counter] = defaultdict(Counter)
         latencies: dict[int, list[float]] = defaultdict(list)
         rss: dict[int, float] = {}
+        load: dict[int, float] = {}  # the machine's 1-minute load average: context for the latencies
 
         def record(kind: str, label: str, seconds: float | None) -> None:
             minute = int((time.monotonic() - start) // 60)
@@ -236,6 +237,7 @@ def main() -> int:
         while time.monotonic() < until:
             minute = int((time.monotonic() - start) // 60)
             rss[minute] = rss_mb(service.pid)
+            load[minute] = float(Path("/proc/loadavg").read_text().split()[0])
             time.sleep(2.0)
         for thread in threads:
             thread.join(120)
@@ -255,7 +257,8 @@ def main() -> int:
         fivexx = sum(n for label, n in statuses.items() if " 5" in label)
         minutes.append({"minute": minute + 1, "requests": dict(kinds[minute]), "answers": dict(sorted(statuses.items())),
                         "5xx": fivexx, "valid_p50_ms": percentile(latencies[minute], 0.5),
-                        "valid_p99_ms": percentile(latencies[minute], 0.99), "rss_mb": round(rss.get(minute, 0.0), 1)})
+                        "valid_p99_ms": percentile(latencies[minute], 0.99), "rss_mb": round(rss.get(minute, 0.0), 1),
+                        "load_average": load.get(minute)})
     p99s = [m["valid_p99_ms"] for m in minutes[1:] if m["valid_p99_ms"] is not None]
     report = {
         "minutes": minutes,
@@ -269,7 +272,8 @@ def main() -> int:
     }
     for m in minutes:
         print(f"minute {m['minute']:>2}: {sum(m['requests'].values()):>5} requests {m['requests']}, 5xx {m['5xx']}, "
-              f"valid p50 {m['valid_p50_ms']} ms p99 {m['valid_p99_ms']} ms, RSS {m['rss_mb']} MB", flush=True)
+              f"valid p50 {m['valid_p50_ms']} ms p99 {m['valid_p99_ms']} ms, RSS {m['rss_mb']} MB, "
+              f"load {m['load_average']}", flush=True)
     print(json.dumps({k: v for k, v in report.items() if k != "minutes"}), flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))

@@ -2,8 +2,9 @@
 
 Whatever the client sends (odd images, parameters, concept lists, content types, headers, broken multipart),
 the answer is never a 5xx, and every error has the one JSON body shape with a known type and its status. The
-examples are derandomised (the same every run, so CI is reproducible) and bounded (about 10 s in all); set
-``ZUTIS_FUZZ_EXAMPLES`` for a longer, random run on a developer machine.
+examples are derandomised (the same every run, so CI is reproducible) and bounded (60 per test, seconds on an idle
+CPU); they reach every outcome: 200, 400 (form, image), 413 (pixels), 415 and 422. Set ``ZUTIS_FUZZ_EXAMPLES``
+for a longer, random run on a developer machine.
 """
 
 from __future__ import annotations
@@ -48,26 +49,28 @@ images = st.one_of(
 )
 texts = st.text(max_size=40)
 # allow_subnormal=False: the tests flush denormals to zero (tests/conftest.py), which hypothesis detects.
-numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False).map(repr),
-                    st.integers(-5, 10**12).map(str),
-                    st.sampled_from(["nan", "inf", "-inf", "1e309", "", " ", "0x10", "1,5", "true", "null"]), texts)
-fields = st.fixed_dictionaries({}, optional={
-    "concepts": st.lists(texts, max_size=4),
-    "score_threshold": numbers,
-    "mask_threshold": numbers,
-    "nms_iou": numbers,
-    "max_instances": numbers,
+weird_numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False).map(repr),
+                          st.integers(-5, 10**12).map(str), texts,
+                          st.sampled_from(["nan", "inf", "-inf", "1e309", "", " ", "0x10", "1,5", "true", "null"]))
+# Mostly sensible values with the odd weird one, so that requests get past the first check often enough to reach
+# the image decoder and the model.
+unit = st.floats(0.0, 0.99, allow_subnormal=False).map(str)
+fractions = st.one_of(unit, unit, weird_numbers)
+counts = st.one_of(st.integers(0, 5).map(str), st.integers(0, 5).map(str), weird_numbers)
+concept_lists = st.one_of(st.just(["cat"]), st.just(["red circle, blue star", "cat"]),
+                          st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=3),
+                          st.lists(texts, max_size=7))
+fields = st.fixed_dictionaries({"concepts": concept_lists}, optional={
+    "score_threshold": fractions,
+    "mask_threshold": fractions,
+    "nms_iou": fractions,
+    "max_instances": counts,
     "semantic": st.one_of(st.sampled_from(["png", "rle", "none"]), texts),
     "unexpected": texts,
 })
 
 
-SEEN: dict[str, int] = {}  # status -> count, for a look at what the fuzz reached (pytest -s)
-
-
 def assert_well_formed(answer) -> None:
-    key = f"{answer.status_code} {answer.json().get('type', '') if answer.status_code != 200 else 'ok'}"
-    SEEN[key] = SEEN.get(key, 0) + 1
     assert answer.status_code < 500, (answer.status_code, answer.text)
     if answer.status_code == 200:
         SegmentResponse.model_validate_json(answer.content)
@@ -86,14 +89,14 @@ def fuzz_client(service_checkpoint):
     from tests.service.conftest import wait_until_ready
 
     settings = Settings(checkpoint=service_checkpoint, device="cpu", max_batch_size=2, max_concepts=5,
-                        max_concept_length=20, max_image_pixels=48 * 48, max_body_bytes=64 * 1024)
+                        max_concept_length=20, max_image_pixels=40 * 40, max_body_bytes=64 * 1024)
     with TestClient(create_app(settings)) as client:
         wait_until_ready(client)
         yield client
 
 
 @FUZZ
-@given(image=st.one_of(st.none(), images), data=fields,
+@given(image=st.one_of(images, images, st.none()), data=fields,
        filename=st.one_of(st.just("x.png"), texts), content_type=st.one_of(st.just("image/png"), texts))
 def test_fuzz_multipart_forms(fuzz_client, image, data, filename, content_type):
     files = None if image is None else {"image": (filename or "x", image, content_type or "application/octet-stream")}
@@ -122,6 +125,3 @@ def test_fuzz_raw_bodies_and_headers(fuzz_client, body, content_type, authorizat
         return  # not a sendable header value
     assert_well_formed(answer)
 
-
-def test_zz_print_seen():
-    print(sorted(SEEN.items()))
