@@ -31,6 +31,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any, Callable
 
 import httpx
 from PIL import Image
@@ -90,7 +91,7 @@ def multipart(fields: dict[str, str], image: bytes, boundary: str = "soakboundar
 class Client:
     """One closed-loop client; ``record(kind, label, seconds)`` collects what happened."""
 
-    def __init__(self, base: str, port: int, seed: int, record) -> None:  # noqa: ANN001
+    def __init__(self, base: str, port: int, seed: int, record: Callable[[str, str, float | None], None]) -> None:
         self.base = base
         self.port = port
         self.rng = random.Random(seed)
@@ -112,7 +113,7 @@ class Client:
                 self.record("error", type(error).__name__, None)
         self.http.close()
 
-    def _post(self, kind: str, **kwargs) -> None:  # noqa: ANN003
+    def _post(self, kind: str, **kwargs: Any) -> None:
         start = time.perf_counter()
         answer = self.http.post("/segment", **kwargs)
         seconds = time.perf_counter() - start

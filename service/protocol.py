@@ -83,6 +83,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._refused = True
         if self.on_reject is not None:
             self.on_reject("headers_too_large")
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # a pipelined head while an answer is being written: no room for ours
+            return
         self.transport.write(_head_too_large(self.max_head_bytes))
         if self.transport.can_write_eof():
             self.transport.write_eof()  # the answer, then our end of the connection

@@ -94,6 +94,18 @@ def test_request_head_limit_answers_431_fast_and_stalls_nobody(service_checkpoin
         small, _ = raw_exchange(service.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 7000
                                 + b"\r\nConnection: close\r\n\r\n")
         assert small.startswith(b"HTTP/1.1 200"), small[:200]
+        # Bodies are not heads: an upload far larger than the head limit is answered as usual.
+        files = {"image": ("x.png", png_bytes(64, 64, seed=5), "image/png")}
+        upload = httpx.post(f"{service.base}/segment", files=files, data={"concepts": "cat"}, timeout=60)
+        assert upload.status_code == 200 and int(upload.request.headers["content-length"]) > 8192, upload.text
+        # Pipelined requests on one connection are each answered.
+        with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /readyz HTTP/1.1\r\nHost: x\r\n"
+                         b"Connection: close\r\n\r\n")
+            both = b""
+            while data := sock.recv(65536):
+                both += data
+        assert both.count(b"HTTP/1.1 200 OK") == 2, both
         for name, head in (("header", b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * (200 << 10) + b"\r\n\r\n"),
                            ("url", b"GET /healthz?" + b"q" * (200 << 10) + b" HTTP/1.1\r\n\r\n"),
                            ("many", b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 20_000 + b"\r\n")):
