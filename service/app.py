@@ -11,6 +11,7 @@ from typing import Callable
 
 import anyio
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from model.checkpoint import read_metadata
 from model.predictor import Predictor
@@ -96,8 +97,9 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[], Predict
     app.include_router(ops.router)
     app.include_router(segment.router)
     # Innermost first: nothing below reads a body before the key and the content type are checked. Which routes
-    # need the key or take uploads is read from the OpenAPI document (so: add routes before these lines).
-    openapi = app.openapi()
+    # need the key or take uploads is read from the routes' OpenAPI description (so: add routes before these
+    # lines); get_openapi, unlike app.openapi(), caches nothing.
+    openapi = get_openapi(title=app.title, version=app.version, routes=app.routes)
     app.add_middleware(RequireMultipart, paths=upload_paths(openapi), on_reject=metrics.count_rejection)
     app.add_middleware(ApiKeyGate, api_key=settings.api_key, paths=guarded_paths(openapi),
                        on_reject=metrics.count_rejection)

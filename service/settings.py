@@ -106,7 +106,7 @@ class Settings(BaseSettings):
 
 def describe_settings_error(error: ValidationError) -> str:
     """A settings validation error as one line naming each variable, its value and the rule it breaks, e.g.
-    ``invalid setting: ZUTIS_MAX_BATCH_SIZE=0: must be greater than or equal to 1``. The API key is never shown."""
+    ``invalid setting: ZUTIS_MAX_BATCH_SIZE=0: should be greater than or equal to 1``. The API key is never shown."""
     parts = []
     for item in error.errors():
         location = [str(p) for p in item.get("loc", ())]
