@@ -417,6 +417,57 @@ def _field(obj: Any, name: str) -> Any:
     return obj[name] if isinstance(obj, Mapping) else getattr(obj, name)
 
 
+def read_image(path: Path, exif_orientation: bool = True) -> Any:
+    """An image file as an RGB PIL image: the first picture of multi-picture files, upright by its EXIF
+    orientation unless ``exif_orientation`` is False."""
+    from PIL import Image
+
+    from model.orientation import apply_exif_orientation
+
+    with Image.open(path) as img:
+        img.load()
+        upright = apply_exif_orientation(img) if exif_orientation else img
+        return upright.convert("RGB")
+
+
+def _check_annotated_size(coco: Mapping[str, Any], sample: EvalSample, image: Any, exif_orientation: bool) -> None:
+    """The image as read must have the size its COCO entry records (when it records one)."""
+    entry = next((img for img in coco["images"] if img["id"] == sample.image_id), None)
+    if entry is None or "width" not in entry or "height" not in entry:
+        return
+    if (int(entry["width"]), int(entry["height"])) != (image.width, image.height):
+        hint = ("; the annotations may be in the stored pixel grid: try --no-exif-orientation" if exif_orientation
+                else "; the annotations may be in the upright frame: drop --no-exif-orientation")
+        raise ValueError(f"image {sample.image_path} is {image.width}x{image.height} as read but its COCO entry says "
+                         f"{entry['width']}x{entry['height']}{hint}")
+
+
+class ProgressReporter:
+    """Progress of ``total`` items on ``stream``: one line rewritten in place on a terminal; on anything else (a log
+    file, a pipe) whole lines, about every 5% and at the end, each with the elapsed time."""
+
+    def __init__(self, total: int, stream: Any) -> None:
+        self.total = total
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.step = max(1, total // 20)
+        self.start = time.perf_counter()
+        self.last = 0
+
+    def __call__(self, done: int) -> None:
+        elapsed = time.perf_counter() - self.start
+        if self.tty:
+            print(f"\r{done}/{self.total} images ({elapsed:.0f} s)", end="", file=self.stream, flush=True)
+        elif done == self.total or done - self.last >= self.step:
+            print(f"{done}/{self.total} images ({elapsed:.1f} s)", file=self.stream, flush=True)
+            self.last = done
+
+    def close(self) -> None:
+        """End the in-place line on a terminal."""
+        if self.tty:
+            print(file=self.stream, flush=True)
+
+
 def evaluate_checkpoint(checkpoint: str | Path, dataset: EvalDataset, concepts: Sequence[str] | None = None, *,
                         device: str = "cpu", **kwargs: Any) -> Evaluation:
     """Load ``checkpoint`` with ``model.predictor.Predictor`` and run ``evaluate_predictor`` with it."""
@@ -431,16 +482,16 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: EvalDataset, concepts: 
 def evaluate_predictor(predictor: Any, dataset: EvalDataset, concepts: Sequence[str] | None = None, *,
                        class_agnostic: bool = False, subsets: Mapping[str, Sequence[str]] | None = None,
                        batch_size: int = 1, max_images: int | None = None, progress: bool = False,
-                       **overrides: Any) -> Evaluation:
+                       exif_orientation: bool = True, **overrides: Any) -> Evaluation:
     """Predict every image of ``dataset`` with ``predictor.predict(images, concepts, **overrides)`` and score it.
 
     ``concepts`` (default: all of ``dataset.class_names``) is the vocabulary given to the model; each must be a
     dataset class name. Concept k of a ``Prediction`` (k >= 1) is mapped to that class's COCO category id and
     semantic class index. Instance AP is computed when the dataset has COCO GT, semantic metrics when it has label
     maps. ``subsets`` ({"unseen": [names]}) adds AP and mIoU over those classes only (no background).
+    Images are turned upright by their EXIF orientation unless ``exif_orientation`` is False (then the ground
+    truth must be in the stored pixel grid); ``progress`` writes progress to stderr (see ``ProgressReporter``).
     """
-    from PIL import Image
-
     concepts = list(dataset.class_names if concepts is None else concepts)
     class_of = {name: k + 1 for k, name in enumerate(dataset.class_names)}
     unknown = [c for c in concepts + [c for s in (subsets or {}).values() for c in s] if c not in class_of]
@@ -455,12 +506,13 @@ def evaluate_predictor(predictor: Any, dataset: EvalDataset, concepts: Sequence[
     matrix = ConfusionMatrix(len(dataset.class_names) + 1)
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
+    report_progress = ProgressReporter(len(samples), sys.stderr) if progress else None
     for first in range(0, len(samples), max(1, int(batch_size))):
         batch = samples[first:first + max(1, int(batch_size))]
-        images = []
-        for s in batch:
-            with Image.open(s.image_path) as img:
-                images.append(img.convert("RGB"))
+        images = [read_image(s.image_path, exif_orientation) for s in batch]
+        if dataset.coco is not None:
+            for sample, image in zip(batch, images, strict=True):
+                _check_annotated_size(dataset.coco, sample, image, exif_orientation)
         predictions = predictor.predict(images, concepts, **overrides)
         for sample, image, pred in zip(batch, images, predictions, strict=True):
             if len(_field(pred, "concepts")) != len(concepts) + 1:
@@ -483,10 +535,10 @@ def evaluate_predictor(predictor: Any, dataset: EvalDataset, concepts: Sequence[
                 if _field(pred, "semantic") is None:
                     raise ValueError("the dataset has label maps but the predictor returned no semantic map")
                 matrix.update(lut[_as_int_array(_field(pred, "semantic"))], load_label_map(sample.label_path))
-        if progress:
-            print(f"\r{first + len(batch)}/{len(samples)} images", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+        if report_progress is not None:
+            report_progress(first + len(batch))
+    if report_progress is not None:
+        report_progress.close()
     seconds = time.perf_counter() - start
 
     vocab_classes = [0] + [class_of[c] for c in concepts]
@@ -577,6 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-images", type=int, help="evaluate only the first N images")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     parser.add_argument("--save-results", type=Path, help="write the model's COCO results JSON here")
+    parser.add_argument("--no-exif-orientation", dest="exif_orientation", action="store_false",
+                        help="keep images in their stored pixel grid instead of turning them upright by their EXIF "
+                             "orientation (the default; the annotations must then be in the stored grid)")
     return parser
 
 
@@ -609,7 +664,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit("give --coco, or --semantic-labels with --concepts")
         evaluation = evaluate_checkpoint(args.checkpoint, dataset, concepts, device=args.device,
                                          class_agnostic=args.class_agnostic, subsets=subsets,
-                                         batch_size=args.batch_size, max_images=args.max_images, progress=True)
+                                         batch_size=args.batch_size, max_images=args.max_images, progress=True,
+                                         exif_orientation=args.exif_orientation)
         report = evaluation.report
         if args.save_results is not None:
             args.save_results.write_text(json.dumps(evaluation.results))

@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on GPU), float32, float16, bfloat16")
     parser.add_argument("--input-size", type=int, help="override the checkpoint's letterbox size")
+    parser.add_argument("--no-exif-orientation", dest="exif_orientation", action="store_false",
+                        help="keep the stored pixel grid instead of turning photos upright by their EXIF "
+                             "orientation (the default, as the service does)")
     args = parser.parse_args(argv)
 
     for flag, path in (("--checkpoint", args.checkpoint), ("--image", args.image)):
@@ -42,9 +45,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{flag}: file not found: {path}")
     try:
         image = Image.open(args.image)
-        image.load()
+        image.load()  # the first picture of a multi-picture JPEG (MPO) or an animation
     except (UnidentifiedImageError, OSError) as exc:
         parser.error(f"--image: cannot read {args.image} as an image ({exc})")
+    if args.exif_orientation:
+        from model.orientation import apply_exif_orientation
+
+        image = apply_exif_orientation(image)
 
     import torch  # deferred so that --help is instant
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -10,13 +11,16 @@ from typing import Callable
 
 import anyio
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from model.checkpoint import read_metadata
 from model.predictor import Predictor
 from service.engine import Engine, EngineConfig
+from service.auth import ApiKeyGate, guarded_paths
+from service.docs import install_docs
 from service.errors import install_error_handlers
 from service.metrics import Metrics
-from service.middleware import BodySizeLimit, RequestMetrics
+from service.middleware import BodySizeLimit, RequestMetrics, RequireMultipart, upload_paths
 from service.routes import ops, segment
 from service.routes.demo import install_demo
 from service.settings import Settings
@@ -80,17 +84,29 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[], Predict
         try:
             yield
         finally:
+            # service.server sets shutdown_deadline (time.monotonic()) when a signal started the drain.
+            deadline = getattr(app.state, "shutdown_deadline", None)
+            timeout = settings.drain_timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
             log.info("draining: waiting for %d request(s)", engine.admitted)
-            await anyio.to_thread.run_sync(engine.stop, settings.drain_timeout_s)
+            await anyio.to_thread.run_sync(engine.stop, timeout)
             log.info("stopped")
 
-    app = FastAPI(title="zutis-service", version=VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="zutis-service", version=VERSION, description=DESCRIPTION, lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
+    install_docs(app)  # /docs with Swagger UI's files served here, not from a CDN
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(segment.router)
     install_demo(app)
+    # Innermost first: nothing below reads a body before the key and the content type are checked. Which routes
+    # need the key or take uploads is read from the routes' OpenAPI description (so: add routes before these
+    # lines); get_openapi, unlike app.openapi(), caches nothing.
+    openapi = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    app.add_middleware(RequireMultipart, paths=upload_paths(openapi), on_reject=metrics.count_rejection)
+    app.add_middleware(ApiKeyGate, api_key=settings.api_key, paths=guarded_paths(openapi),
+                       on_reject=metrics.count_rejection)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, on_reject=metrics.count_rejection)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees the 413s too
     return app

@@ -7,9 +7,10 @@ arrived, drops those whose client gave up or whose deadline passed, and runs one
 vocabulary-free, so jobs with different concept lists share it; each job's own vocabulary head, post-processing
 and JSON encoding then run in the pool while the engine thread already runs the next forward pass.
 
-Lifecycle: ``loading`` -> ``warming`` (a forward pass at every batch size 1..max_batch_size) -> ``ready``;
-``begin_drain()`` makes it ``draining`` (not ready, nothing new admitted); ``stop()`` waits for every admitted
-request, then ends the thread. A failure while loading makes it ``failed``.
+Lifecycle: ``loading`` -> ``warming`` (a forward pass at every batch size 1..max_batch_size) -> ``ready``, each step
+logged with its duration; ``withdraw()`` makes it ``draining`` for probes (not ready) while requests are still
+admitted (the grace period of a shutdown); ``begin_drain()`` also stops admitting; ``stop()`` waits for every
+admitted request, then ends the thread. A failure while loading makes it ``failed``.
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ class Engine:
         self._idle = threading.Condition(self._lock)
         self._admitted = 0
         self._state = EngineState.LOADING
-        self._draining = False  # a plain flag: begin_drain() runs inside signal handlers, where no lock is safe
+        # Plain flags: withdraw() and begin_drain() run inside signal handlers, where no lock is safe.
+        self._withdrawn = False  # readiness off
+        self._draining = False  # readiness off and nothing new admitted
         self.cache = TextEmbeddingCache(config.text_cache_size, on_lookup=metrics.count_cache_lookup)
         self.predictor: Predictor | None = None
         self.error: BaseException | None = None
@@ -122,7 +125,8 @@ class Engine:
 
     @property
     def state(self) -> EngineState:
-        if self._draining and self._state in (EngineState.LOADING, EngineState.WARMING, EngineState.READY):
+        serving = (EngineState.LOADING, EngineState.WARMING, EngineState.READY)
+        if (self._draining or self._withdrawn) and self._state in serving:
             return EngineState.DRAINING
         return self._state
 
@@ -134,8 +138,23 @@ class Engine:
     def admitted(self) -> int:
         return self._admitted
 
+    @property
+    def warm(self) -> bool:
+        """Whether the model is loaded and warmed up, whatever the drain state."""
+        return self._state is EngineState.READY
+
+    @property
+    def refusing(self) -> bool:
+        """Whether new requests are refused as ``draining`` (``begin_drain()`` was called)."""
+        return self._draining
+
+    def withdraw(self) -> None:
+        """Readiness off (``/readyz`` 503) while requests are still admitted. Safe in a signal handler."""
+        self._withdrawn = True
+
     def begin_drain(self) -> None:
         """Readiness off, nothing new admitted; what was admitted is still answered. Safe in a signal handler."""
+        self._withdrawn = True
         self._draining = True
 
     def stop(self, timeout_s: float) -> None:
@@ -146,7 +165,8 @@ class Engine:
             if not self._idle.wait_for(lambda: self._admitted == 0, timeout_s):
                 log.warning("drain timed out with %d request(s) unanswered", self._admitted)
         self._queue.put(None)
-        self._thread.join(max(0.0, end - time.monotonic()))
+        if self._state is EngineState.READY:  # still loading or warming up: the daemon thread is not waited for
+            self._thread.join(max(0.0, end - time.monotonic()))
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._state is not EngineState.FAILED:
             self._state = EngineState.STOPPED
@@ -160,11 +180,11 @@ class Engine:
         """
         retry = {"Retry-After": str(self.config.retry_after_s)}
         with self._lock:
-            state = self.state
-            if state is EngineState.DRAINING:
-                raise ServiceError("draining", "the service is shutting down; retry on another replica", retry)
-            if state is not EngineState.READY:
-                raise ServiceError("not_ready", f"the model is not ready yet ({state.value})", retry)
+            if self._draining:  # and close the connection: the client's next request goes to another replica
+                raise ServiceError("draining", "the service is shutting down; retry on another replica",
+                                   {**retry, "Connection": "close"})
+            if self._state is not EngineState.READY:
+                raise ServiceError("not_ready", f"the model is not ready yet ({self.state.value})", retry)
             if self._admitted >= self.config.queue_size:
                 raise ServiceError("queue_full", f"the service is at capacity ({self.config.queue_size} requests "
                                    "queued or running); retry shortly", retry)
@@ -200,13 +220,19 @@ class Engine:
         try:
             if self.config.torch_threads is not None:
                 torch.set_num_threads(self.config.torch_threads)
+            log.info("loading the model")
+            start = time.perf_counter()
             predictor = self._loader()
             self.predictor = predictor
+            loaded = time.perf_counter()
+            log.info("loaded %s on %s (%s) in %.1f s; warming up at batch sizes 1..%d", predictor.model_id,
+                     predictor.device, str(predictor.dtype).removeprefix("torch."), loaded - start,
+                     self.config.max_batch_size)
             self._state = EngineState.WARMING
             self._warm_up(predictor)
             self._state = EngineState.READY
-            log.info("ready: %s on %s (%s), batches up to %d", predictor.model_id, predictor.device,
-                     predictor.dtype, self.config.max_batch_size)
+            log.info("ready: %s on %s, batches up to %d (load %.1f s, warm-up %.1f s)", predictor.model_id,
+                     predictor.device, self.config.max_batch_size, loaded - start, time.perf_counter() - loaded)
         except BaseException as exc:  # noqa: BLE001 - reported through /healthz and on_fatal
             log.exception("the model failed to load or warm up")
             self.error = exc
@@ -223,8 +249,11 @@ class Engine:
         prepared = predictor.prepare(pixels)
         vocabulary, text = predictor.encode_concepts(list(WARMUP_CONCEPTS))
         for batch_size in range(1, self.config.max_batch_size + 1):
+            start = time.perf_counter()
             output = predictor.forward([prepared] * batch_size)
             self.warmup_batch_sizes.append(batch_size)
+            log.info("warm-up: batch size %d/%d in %.2f s", batch_size, self.config.max_batch_size,
+                     time.perf_counter() - start)
         prediction = predictor.postprocess(output, 0, prepared, vocabulary, text, predictor.params())
         build_response(prediction, predictor.model_id, "png").model_dump_json()
 

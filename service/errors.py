@@ -6,7 +6,8 @@ from an unexpected exception (500, details only in the log).
 
 Status policy: 400 a request that cannot be parsed or an image that cannot be decoded; 401 a missing or wrong
 API key; 404/405 routing; 413 a body or an image over the limits; 415 an upload that is not an image in a
-supported format; 422 a missing field or a bad parameter value (FastAPI's convention, used for all of them);
+supported format; 422 a missing field or a bad parameter value (FastAPI's convention, used for all of them); 431
+a request line plus headers over the limit (answered by service.protocol, before the app, in the same shape);
 499 the client went away (logged and counted, nobody reads it); 503 not ready, draining or overloaded, with
 ``Retry-After``; 504 the request's deadline passed.
 """
@@ -34,6 +35,7 @@ ERROR_STATUS: dict[str, int] = {
     "body_too_large": 413,
     "image_too_large": 413,
     "unsupported_media_type": 415,
+    "headers_too_large": 431,
     "invalid_request": 422,
     "client_disconnected": 499,
     "internal_error": 500,

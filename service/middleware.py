@@ -1,4 +1,4 @@
-"""Two pure-ASGI middlewares: the request-body size limit and the per-request metrics.
+"""Pure-ASGI middlewares: the request-body size limit, the multipart check of upload routes, the per-request metrics.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so that bodies stream through untouched and the limit is enforced while
 the body is read, not after an unbounded body has been buffered.
@@ -7,8 +7,9 @@ the body is read, not after an unbounded body has been buffered.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import BODY_LIMIT_SCOPE_KEY, error_response
@@ -81,6 +82,42 @@ class BodySizeLimit:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, reason: str, message: str) -> None:
         self.on_reject(reason)
         await error_response(reason, message, {"Connection": "close"})(scope, receive, send)
+
+
+def upload_paths(openapi: dict[str, Any]) -> frozenset[str]:
+    """The paths whose POST operation takes a multipart/form-data body, from the app's OpenAPI document."""
+    paths = openapi.get("paths", {})
+    return frozenset(path for path, operations in paths.items()
+                     if "multipart/form-data" in operations.get("post", {}).get("requestBody", {}).get("content", {}))
+
+
+FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+class RequireMultipart:
+    """Answer 400 at once, before reading the body, when a request to an upload route is not a form (a JSON body
+    would otherwise be parsed as an empty form and answered "image: field required"). A url-encoded form passes
+    (it is answered 422, naming the missing file). ``on_reject("malformed_request")`` counts it."""
+
+    def __init__(self, app: ASGIApp, paths: frozenset[str], on_reject: Callable[[str], None]) -> None:
+        self.app = app
+        self.paths = paths
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        content_type = Headers(scope=scope).get("content-type", "")
+        media_type = content_type.partition(";")[0].strip().lower()
+        if media_type in FORM_MEDIA_TYPES:
+            await self.app(scope, receive, send)
+            return
+        self.on_reject("malformed_request")
+        got = f"Content-Type {media_type!r}" if media_type else "no Content-Type"
+        message = (f"POST {scope['path']} takes a multipart/form-data body (an 'image' file and 'concepts' fields, "
+                   f"as curl -F sends them); the request has {got}")
+        await error_response("malformed_request", message, {"Connection": "close"})(scope, receive, send)
 
 
 class RequestMetrics:

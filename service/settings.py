@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CHECKPOINT = Path("weights/zutis-shapes.safetensors")
@@ -50,9 +50,15 @@ class Settings(BaseSettings):
     max_concepts: int = Field(100, ge=1, description="most distinct concepts per request (background excluded)")
     max_concept_length: int = Field(100, ge=1, description="longest concept, in characters")
     max_instances: int = Field(100, ge=0, description="most instances returned; a request may ask for fewer")
+    max_header_bytes: int = Field(64 * 1024, ge=1024, le=16 * MiB, description="largest request line plus headers, "
+                                                                             "in bytes; more is answered 431")
     request_timeout_s: float = Field(30.0, gt=0.0, description="deadline of a request from its arrival; past it "
                                                                "the answer is 504")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of 503 answers, in seconds")
+
+    # -- images -----------------------------------------------------------------------------------------------
+    exif_orientation: bool = Field(True, description="turn photos upright by their EXIF orientation before "
+                                                     "segmenting (answers in the frame a person sees)")
 
     # -- security ---------------------------------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="when set, /segment and /info need it as "
@@ -61,8 +67,18 @@ class Settings(BaseSettings):
     # -- server -----------------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="interface uvicorn binds (0.0.0.0 in the container)")
     port: int = Field(8000, ge=0, le=65535)
-    drain_timeout_s: float = Field(30.0, gt=0.0, description="longest wait for accepted requests at shutdown")
+    drain_timeout_s: float = Field(30.0, gt=0.0, description="longest time from SIGTERM to exit: the grace "
+                                                             "period, then the wait for accepted requests")
+    drain_grace_s: float = Field(0.0, ge=0.0, description="after SIGTERM, seconds during which /readyz is 503 but "
+                                                          "new requests are still accepted (endpoint removal)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @model_validator(mode="after")
+    def _grace_within_drain(self) -> Settings:
+        if self.drain_grace_s >= self.drain_timeout_s:
+            raise ValueError(f"ZUTIS_DRAIN_GRACE_S={self.drain_grace_s:g}: must be less than ZUTIS_DRAIN_TIMEOUT_S "
+                             f"({self.drain_timeout_s:g}), which bounds the whole shutdown")
+        return self
 
     def limits(self) -> dict[str, int | float]:
         """Every request limit, as /info reports them."""
@@ -72,6 +88,7 @@ class Settings(BaseSettings):
             "max_concepts": self.max_concepts,
             "max_concept_length": self.max_concept_length,
             "max_instances": self.max_instances,
+            "max_header_bytes": self.max_header_bytes,
             "request_timeout_s": self.request_timeout_s,
             "queue_size": self.queue_size,
         }
@@ -85,3 +102,23 @@ class Settings(BaseSettings):
             "postprocess_workers": self.postprocess_workers,
             "text_cache_size": self.text_cache_size,
         }
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    """A settings validation error as one line naming each variable, its value and the rule it breaks, e.g.
+    ``invalid setting: ZUTIS_MAX_BATCH_SIZE=0: should be greater than or equal to 1``. The API key is never shown."""
+    parts = []
+    for item in error.errors():
+        location = [str(p) for p in item.get("loc", ())]
+        message = str(item.get("msg", "invalid value"))
+        message = message[:1].lower() + message[1:]
+        if not location:  # a rule across fields (model validator)
+            parts.append(message.removeprefix("value error, "))
+            continue
+        name = f"ZUTIS_{location[0].upper()}"
+        value = item.get("input")
+        if location[0] == "api_key" or isinstance(value, (dict, list)):
+            parts.append(f"{name}: {message.replace('input should be', 'should be')}")
+        else:
+            parts.append(f"{name}={value}: {message.replace('input should be', 'should be')}")
+    return "invalid setting: " + "; ".join(parts)

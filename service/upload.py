@@ -3,6 +3,10 @@
 The pixel count is read from the image header and checked before any pixel is decoded, so a small file that
 would decompress to a huge image (a decompression bomb) is refused cheaply. Pillow's own bomb check is a second
 line of defence (its ``DecompressionBombError`` becomes the same 413).
+
+Photos are turned upright by their EXIF orientation (``ZUTIS_EXIF_ORIENTATION``, on by default), so answers are in
+the frame a person sees. Multi-picture JPEGs (MPO, written by many phone cameras) are JPEGs: their first picture is
+used.
 """
 
 from __future__ import annotations
@@ -12,21 +16,27 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from model.orientation import apply_exif_orientation
 from service.errors import ServiceError
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+# Pillow's names for variants of a supported format: a multi-picture JPEG (MPO) is a JPEG whose first picture is
+# an ordinary baseline or progressive JPEG.
+FORMAT_VARIANTS = {"MPO": "JPEG"}
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int, exif_orientation: bool = True) -> Image.Image:
     """Decode an uploaded file into an RGB image.
 
     Args:
         data: the file's bytes, as uploaded.
         max_pixels: the largest ``width * height`` accepted.
+        exif_orientation: turn the image upright by its EXIF orientation (width and height swap for 90 and 270
+            degrees); False keeps the stored pixel grid.
 
     Returns:
-        an ``RGB`` PIL image (first frame of animations), at the file's own size; no EXIF rotation is applied, so
-        masks are in the stored pixel grid, as ``python -m model.predict`` returns them.
+        an ``RGB`` PIL image (first frame of animations and multi-picture JPEGs), upright unless
+        ``exif_orientation`` is False.
 
     Raises:
         ServiceError: 415 not an image or not a supported format; 413 more pixels than ``max_pixels``; 400 an
@@ -43,7 +53,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ServiceError("image_too_large", f"the image has too many pixels ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ServiceError("invalid_image", f"the image header could not be read ({exc})") from None
-    if image.format not in SUPPORTED_FORMATS:
+    if FORMAT_VARIANTS.get(image.format, image.format) not in SUPPORTED_FORMATS:
         raise ServiceError("unsupported_media_type", f"{image.format} images are not supported; use one of "
                            f"{', '.join(SUPPORTED_FORMATS)}")
     width, height = image.size
@@ -53,7 +63,10 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ServiceError("image_too_large", f"the image is {width}x{height} = {width * height:,} pixels; "
                            f"the limit is {max_pixels:,}")
     try:
+        image.seek(0)
         image.load()
+        if exif_orientation:
+            image = apply_exif_orientation(image)
         return to_rgb(image)
     except Image.DecompressionBombError as exc:
         raise ServiceError("image_too_large", f"the image has too many pixels ({exc})") from None

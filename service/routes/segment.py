@@ -45,9 +45,13 @@ async def segment(
     image: Annotated[UploadFile, File(description="the image (PNG, JPEG, WebP, BMP, GIF, TIFF)")],
     concepts: Annotated[list[str], Form(description="concept names: repeat the field and/or separate with "
                                                     "commas; 'background' is always added as concept 0")],
-    score_threshold: Annotated[float | None, Form(ge=0.0, le=1.0, description="minimum instance score")] = None,
-    mask_threshold: Annotated[float | None, Form(ge=0.0, lt=1.0, description="mask probability cut")] = None,
-    nms_iou: Annotated[float | None, Form(ge=0.0, le=1.0, description="class-wise mask NMS IoU")] = None,
+    # allow_inf_nan=False: "nan" is answered "should be a finite number", not "should be less than or equal to 1".
+    score_threshold: Annotated[float | None, Form(allow_inf_nan=False, ge=0.0, le=1.0,
+                                                  description="minimum instance score")] = None,
+    mask_threshold: Annotated[float | None, Form(allow_inf_nan=False, ge=0.0, lt=1.0,
+                                                 description="mask probability cut")] = None,
+    nms_iou: Annotated[float | None, Form(allow_inf_nan=False, ge=0.0, le=1.0,
+                                          description="class-wise mask NMS IoU")] = None,
     max_instances: Annotated[int | None, Form(ge=0, description="most instances returned")] = None,
     semantic: Annotated[Literal["png", "rle", "none"], Form(description="semantic map encoding")] = "png",
 ) -> Response:
@@ -69,9 +73,17 @@ async def segment(
             params = params.with_overrides(max_instances=settings.max_instances)
         # The upload is read in the pool: only the jobs being decoded hold image bytes in memory; waiting ones keep
         # Starlette's spooled file (at most 1 MB in memory, the rest on disk).
-        job = await engine.run_in_pool(_prepare_job, predictor, engine, image.file, names, params, semantic,
-                                       settings.max_image_pixels, arrived, deadline)
-        answer = await _await_answer(request, engine, job, settings.request_timeout_s)
+        try:
+            job = await engine.run_in_pool(_prepare_job, predictor, engine, image.file, names, params, semantic,
+                                           settings.max_image_pixels, settings.exif_orientation, arrived, deadline)
+            answer = await _await_answer(request, engine, job, settings.request_timeout_s)
+        except asyncio.CancelledError:
+            if not engine.refusing:
+                raise
+            # uvicorn cancels what is left when the drain timeout passes: answer 503 rather than its plain 500.
+            raise ServiceError("draining", "the service shut down before the answer was ready (drain timeout); "
+                               "retry on another replica", {"Retry-After": str(settings.retry_after_s),
+                                                            "Connection": "close"}) from None
     return Response(answer.body, media_type="application/json", headers={
         "x-queue-time": f"{answer.timings.queue_ms:.3f}",
         "x-inference-time": f"{answer.timings.inference_ms:.3f}",
@@ -82,11 +94,11 @@ async def segment(
 
 
 def _prepare_job(predictor: Predictor, engine: Engine, upload: BinaryIO, concepts: list[str],
-                 params: InferenceParams, semantic: SemanticFormat, max_pixels: int, arrived: float,
-                 deadline: float) -> Job:
+                 params: InferenceParams, semantic: SemanticFormat, max_pixels: int, exif_orientation: bool,
+                 arrived: float, deadline: float) -> Job:
     """Pool thread: read, decode and letterbox the image, fetch the concepts' text embeddings (cached)."""
     upload.seek(0)
-    image = decode_image(upload.read(), max_pixels)
+    image = decode_image(upload.read(), max_pixels, exif_orientation)
     prepared = predictor.prepare(image)
     vocabulary, text_embeddings = predictor.encode_concepts(concepts, engine.cache)
     return Job(prepared=prepared, vocabulary=vocabulary, text_embeddings=text_embeddings, params=params,

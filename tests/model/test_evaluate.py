@@ -3,6 +3,7 @@ per-class loop, datasets on disk, the predictor loop (with an oracle stand-in) a
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -14,8 +15,9 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from model.evaluate import (ConfusionMatrix, evaluate_instances, evaluate_predictor, evaluate_semantic,
-                            load_coco_dataset, load_label_folder_dataset, load_label_map, main)
+from model.evaluate import (ConfusionMatrix, ProgressReporter, evaluate_instances, evaluate_predictor,
+                            evaluate_semantic, load_coco_dataset, load_label_folder_dataset, load_label_map, main,
+                            read_image)
 
 H, W = 40, 50
 # COCO's 101-point interpolated AP when precision is 1 up to recall 0.5 and 0 after: 51 of 101 recall thresholds.
@@ -372,3 +374,40 @@ def test_evaluate_predictor_rejects_missing_semantic_map(tmp_path):
     no_labels = load_coco_dataset(tmp_path / "gt.json", tmp_path / "images")
     assert evaluate_predictor(NoSemantic({3: "cat", 7: "dog"}), no_labels).report["instances"]["AP"] == \
         pytest.approx(100)
+
+
+def test_evaluation_reads_photos_upright_and_checks_the_annotated_size(tmp_path):
+    gt = write_dataset(tmp_path)
+    assert H != W
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored W x H, seen H x W
+    path = tmp_path / "images" / gt["images"][0]["file_name"]
+    Image.open(path).save(path, exif=exif.tobytes())
+    assert read_image(path).size == (H, W)
+    assert read_image(path, exif_orientation=False).size == (W, H)
+    dataset = load_coco_dataset(tmp_path / "gt.json", tmp_path / "images", tmp_path / "labels")
+    with pytest.raises(ValueError, match="COCO entry says .*--no-exif-orientation"):
+        evaluate_predictor(OraclePredictor({3: "cat", 7: "dog"}), dataset)
+    report = evaluate_predictor(OraclePredictor({3: "cat", 7: "dog"}), dataset, exif_orientation=False).report
+    assert report["instances"]["AP"] == pytest.approx(100)
+
+
+def test_progress_is_written_as_lines_when_not_on_a_terminal(tmp_path, capsys):
+    write_dataset(tmp_path)
+    dataset = load_coco_dataset(tmp_path / "gt.json", tmp_path / "images", tmp_path / "labels")
+    evaluate_predictor(OraclePredictor({3: "cat", 7: "dog"}), dataset, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if "images" in line]
+    assert [line.split(" ")[0] for line in lines] == ["1/2", "2/2"], err
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    report = ProgressReporter(3, terminal)
+    for done in (1, 2, 3):
+        report(done)
+    report.close()
+    assert terminal.getvalue().count("\r") == 3 and terminal.getvalue().endswith("\n")

@@ -52,3 +52,20 @@ def test_predict_cli_rejects_non_image(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(tiny_checkpoint), "--image", str(bad), "--concepts", "cat"])
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_predict_cli_answers_phone_photos_upright(tiny_checkpoint, tmp_path, capsys):
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored 40 wide x 24 high, seen 24 x 40
+    photo = tmp_path / "phone.jpg"
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(photo, format="MPO", save_all=True, exif=exif.tobytes(),
+                                                   append_images=[Image.new("RGB", (40, 24))])
+    base = ["--checkpoint", str(tiny_checkpoint), "--image", str(photo), "--concepts", "cat", "--device", "cpu",
+            "--semantic", "none"]
+    assert main(base + ["--overlay", str(tmp_path / "o.png")]) == 0
+    assert SegmentResponse.model_validate_json(capsys.readouterr().out).image.model_dump() == {"width": 24,
+                                                                                               "height": 40}
+    assert Image.open(tmp_path / "o.png").size == (24, 40)
+    assert main(base + ["--no-exif-orientation"]) == 0
+    assert SegmentResponse.model_validate_json(capsys.readouterr().out).image.model_dump() == {"width": 40,
+                                                                                               "height": 24}

@@ -121,3 +121,73 @@ def test_api_key(make_client):
     assert client.get("/info", headers={"X-API-Key": "s3cret"}).json()["auth"] is True
     for open_path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"):
         assert client.get(open_path).status_code == 200, open_path
+
+
+def test_api_key_is_checked_before_the_body_is_read(make_client):
+    client = make_client(api_key="s3cret")
+    read = []
+
+    def body():  # a stranger's body: broken multipart, never to be read
+        read.append(True)
+        yield b"--b\r\nthis is not multipart at all"
+
+    for headers in ({}, {"X-API-Key": "guess"}, {"Authorization": "Bearer guess"}):
+        answer = client.post("/segment", content=body(), headers={"content-type": "multipart/form-data; boundary=b",
+                                                                   **headers})
+        assert_error(answer, 401, "unauthorized")
+        assert answer.headers["connection"] == "close"
+    assert read == []
+    for content_type in ("application/json", "text/plain"):  # whatever the body, 401 first
+        assert_error(client.post("/segment", content=b"{}", headers={"content-type": content_type}), 401,
+                     "unauthorized")
+    assert rejected(client, "unauthorized") == 5
+    # An over-limit Content-Length may still be refused at once (413), key or not.
+    huge = client.post("/segment", content=b"x", headers={"content-length": str(10**9)})
+    assert huge.status_code in (401, 413)
+
+
+def test_authorization_without_its_scheme_gets_a_hint(make_client):
+    client = make_client(api_key="s3cret")
+    image = png_bytes(20, 20)
+    files = {"image": ("x.png", image, "image/png")}
+    no_scheme = client.post("/segment", files=files, data={"concepts": "cat"}, headers={"Authorization": "s3cret"})
+    body = assert_error(no_scheme, 401, "unauthorized", "no scheme", "Bearer <key>")
+    assert "s3cret" not in body["error"]
+    assert_error(client.post("/segment", files=files, data={"concepts": "cat"},
+                             headers={"Authorization": "Basic czNjcmV0"}), 401, "unauthorized", "'Basic'", "Bearer")
+    assert_error(client.get("/info", headers={"Authorization": "Bearer"}), 401, "unauthorized", "no key after")
+    assert client.get("/info", headers={"Authorization": "bearer  s3cret "}).status_code == 200
+
+
+def test_a_body_that_is_not_multipart_is_400(client):
+    for content_type, content in (("application/json", b'{"concepts": ["cat"]}'), ("text/plain", b"cat"),
+                                  ("image/png", png_bytes(8, 8)), (None, b"cat")):
+        headers = {"content-type": content_type} if content_type else {}
+        answer = client.post("/segment", content=content, headers=headers)
+        assert_error(answer, 400, "malformed_request", "multipart/form-data",
+                     content_type or "no Content-Type")
+    assert rejected(client, "malformed_request") == 4
+    broken = client.post("/segment", content=b"--b\r\nnonsense", headers={"content-type": "multipart/form-data"})
+    assert_error(broken, 400, "malformed_request")  # multipart without a boundary: cannot be parsed
+
+
+@pytest.mark.parametrize("field", ["score_threshold", "mask_threshold", "nms_iou"])
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "infinity"])
+def test_nan_and_infinities_are_named_as_such(client, field, value):
+    assert_error(segment(client, png_bytes(20, 20), "cat", **{field: value}), 422, "invalid_request", field,
+                 "finite number")
+
+
+def test_docs_are_served_without_a_cdn(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    assert "http://" not in page.text and "https://" not in page.text, "the page loads something from outside"
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert len(assets) == 3, assets
+    for asset in assets:
+        answer = client.get(asset)
+        assert answer.status_code == 200 and len(answer.content) > 500, asset
+    assert "javascript" in client.get("/docs/assets/swagger-ui-bundle.js").headers["content-type"]
+    assert client.get("/docs/oauth2-redirect").status_code == 200
+    assert client.get("/openapi.json").json()["openapi"].startswith("3.")
+    assert_error(client.get("/redoc"), 404, "not_found")

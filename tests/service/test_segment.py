@@ -98,3 +98,22 @@ def test_concurrent_mixed_vocabularies_share_batches_and_answer_as_alone(make_cl
     assert all(int(r.headers["x-batch-size"]) == 1 for r in alone)
     assert [without_timings(r.json()) for r in together] == [without_timings(r.json()) for r in alone]
     assert sum(len(r.json()["instances"]) for r in alone) > 0, "no instances: the comparison would miss the masks"
+
+
+def test_phone_photo_is_answered_upright(make_client):
+    from tests.service.test_upload import oriented_jpeg
+
+    client = make_client()
+    data, _ = oriented_jpeg(36, 64, orientation=6, format="MPO")
+    files = {"image": ("phone.jpg", data, "image/jpeg")}
+    answer = client.post("/segment", files=files, data={"concepts": "cat", "mask_threshold": str(MASK_THRESHOLD)})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["image"] == {"width": 64, "height": 36}
+    assert decode_semantic_png(body["semantic"]["png"]).shape == (36, 64)
+    for instance in body["instances"]:
+        assert instance["segmentation"]["size"] == [36, 64]
+
+    stored = make_client(exif_orientation=False)
+    assert stored.post("/segment", files=files, data={"concepts": "cat"}).json()["image"] == {"width": 36,
+                                                                                              "height": 64}

@@ -49,3 +49,43 @@ def test_limits_and_bad_data():
     with pytest.raises(ServiceError) as error:
         decode_image(b"GIF89a but not really", max_pixels=100)
     assert error.value.type == "unsupported_media_type"  # a GIF signature without a GIF
+
+
+def oriented_jpeg(width: int, height: int, orientation: int, format: str = "JPEG") -> tuple[bytes, np.ndarray]:
+    """A JPEG (or multi-picture JPEG) whose stored grid is ``width`` x ``height``, with a white top-left corner."""
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[: height // 4, : width // 4] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    options = {"exif": exif.tobytes(), "quality": 95}
+    if format == "MPO":
+        options.update(save_all=True, append_images=[Image.new("RGB", (width, height), (0, 0, 255))])
+    return encoded(Image.fromarray(pixels), format, **options), pixels
+
+
+@pytest.mark.parametrize("format", ["JPEG", "MPO"])
+def test_exif_orientation_is_applied(format):
+    data, _ = oriented_jpeg(36, 64, orientation=6, format=format)  # a person sees it 64 wide, 36 high
+    upright = decode_image(data, max_pixels=10_000)
+    assert upright.size == (64, 36) and upright.mode == "RGB"
+    # orientation 6: turned 90 degrees clockwise, so the stored top-left corner is now top-right
+    assert np.asarray(upright)[2, -3].min() > 200 and np.asarray(upright)[2, 2].max() < 50
+    stored = decode_image(data, max_pixels=10_000, exif_orientation=False)
+    assert stored.size == (36, 64)
+
+
+def test_mpo_first_picture_and_progressive_jpeg():
+    data, pixels = oriented_jpeg(24, 16, orientation=1, format="MPO")
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    image = decode_image(data, max_pixels=1000)
+    assert image.size == (24, 16)
+    assert np.abs(np.asarray(image).astype(int) - pixels).mean() < 10  # the first picture, not the blue second
+    progressive = encoded(Image.fromarray(pixels), "JPEG", progressive=True)
+    assert decode_image(progressive, max_pixels=1000).size == (24, 16)
+
+
+def test_a_corrupt_exif_block_is_ignored():
+    exif = Image.Exif()
+    exif[0x0112] = 99  # not an orientation
+    data = encoded(Image.new("RGB", (12, 8)), "JPEG", exif=exif.tobytes())
+    assert decode_image(data, max_pixels=1000).size == (12, 8)
