@@ -59,7 +59,7 @@ def features(checkpoint: Path, scenes: Path, max_images: int | None) -> dict[str
     tokens_out, mask_out = [], []
     with torch.inference_mode():
         for im in images:
-            x = torch.from_numpy(np.asarray(Image.open(scenes / "images" / im["file_name"]).convert("RGB")))
+            x = torch.from_numpy(np.array(Image.open(scenes / "images" / im["file_name"]).convert("RGB")))
             x = x.permute(2, 0, 1)[None].float() / 255.0
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             tokens, h, w = encode_patch_tokens(model.encoder, (x - mean) / std)
