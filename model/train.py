@@ -474,7 +474,7 @@ def export(path: Path, model: torch.nn.Module, text_tower: torch.nn.Module, cfg:
         # one pass with the lowest candidate as floor; higher floors only drop detections (model.threshold)
         run = evaluate_checkpoint(path, val, device=str(device), max_images=cfg.val.max_images,
                                   score_threshold=0.001)
-        threshold, points = choose_score_threshold(val.coco, run.results)
+        threshold, points = choose_score_threshold(_first_images(val.coco, cfg.val.max_images), run.results)
         metadata.inference = metadata.inference.with_overrides(score_threshold=threshold)
         metadata.provenance["score_threshold"] = {
             "chosen": threshold, "criterion": "max instance F1 at mask IoU 0.5", "val_images": run.report["num_images"],
@@ -501,13 +501,24 @@ def export(path: Path, model: torch.nn.Module, text_tower: torch.nn.Module, cfg:
                 dataset.coco, evaluation.results, class_agnostic=True,
                 image_ids=[s.image_id for s in dataset.samples[:e.max_images]])
         if dataset.coco is not None:
-            report["operating_point"] = operating_points(*match_detections(dataset.coco, evaluation.results),
+            report["operating_point"] = operating_points(*match_detections(_first_images(dataset.coco, e.max_images),
+                                                                             evaluation.results),
                                                          [metadata.inference.score_threshold])[0]
         metadata.provenance["metrics"] = report
         timings["evaluate"] = round(time.monotonic() - start, 1)
         save()
         log("metrics: " + json.dumps(report, default=str)[:2000])
     return path
+
+
+def _first_images(coco: dict[str, Any], max_images: int | None) -> dict[str, Any]:
+    """The COCO dataset restricted to its first ``max_images`` images (the ones an evaluation with ``max_images``
+    predicted), so that recall is counted over the objects of those images only; all of it for None."""
+    if max_images is None:
+        return coco
+    images = coco["images"][:max_images]
+    ids = {im["id"] for im in images}
+    return {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
