@@ -14,6 +14,8 @@ from typing import Any
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MASK_POSITIONS = (None, "sine")
+_OPT_IN_DEFAULTS = {"mask_position": None, "mask_stop_gradient": True}
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,16 @@ class ModelConfig:
     inline open_clip config dict with ``embed_dim``, ``vision_cfg``, ``text_cfg`` and optional ``quick_gelu``)
     must be set. ``conv_stem`` optionally replaces the ViT patch embedding with stride-2 3x3 convolutions whose
     output channels are listed (the last conv maps to the ViT width); its total stride must equal the patch size.
+
+    Opt-in departures from the official mask branch (the defaults are the release's, and ``to_dict`` leaves a field
+    out while it holds its default, so official configs, checkpoints and stage keys are unchanged):
+
+    - ``mask_position``: ``None`` (official: the mask features ``M = ffn1(F_up)`` carry no explicit position, so two
+      pixels with the same features always get the same mask probability) or ``"sine"``: the decoder's
+      parameter-free sine positional encoding is added to ``M``, which is both the decoder memory and the pixel
+      embedding the proposals are computed from (``sigmoid(<E_q, M + PE>)``).
+    - ``mask_stop_gradient``: ``True`` (official: ``ffn1(F_up.detach())``, the mask loss never trains the encoder)
+      or ``False``: the mask loss back-propagates into the encoder too.
     """
 
     clip_model: str | None = "ViT-B-16-quickgelu"
@@ -37,8 +49,15 @@ class ModelConfig:
     decoder_ffn_dim: int = 2048
     ffn_hidden_dim: int = 256
     input_size: int = 384
+    mask_position: str | None = None
+    mask_stop_gradient: bool = True
 
     def __post_init__(self) -> None:
+        if self.mask_position not in MASK_POSITIONS:
+            raise ValueError(f"ModelConfig.mask_position must be one of {list(MASK_POSITIONS)}, "
+                             f"got {self.mask_position!r}")
+        if not isinstance(self.mask_stop_gradient, bool):
+            raise ValueError(f"ModelConfig.mask_stop_gradient must be true or false, got {self.mask_stop_gradient!r}")
         if (self.clip_model is None) == (self.clip_config is None):
             raise ValueError("ModelConfig needs exactly one of clip_model and clip_config")
         if self.conv_stem is not None:
@@ -85,6 +104,9 @@ class ModelConfig:
         for k in ("conv_stem", "image_mean", "image_std"):
             if d[k] is not None:
                 d[k] = list(d[k])
+        for k, default in _OPT_IN_DEFAULTS.items():  # absent at the official default: keys and hashes unchanged
+            if d[k] == default:
+                del d[k]
         return d
 
     def to_json(self) -> str:

@@ -68,15 +68,18 @@ class ZUTIS(nn.Module):
         # contiguous: interpolate picks a different memory layout for B > 1, and GEMM results depend on layout
         up = grid.flatten(2).transpose(1, 2).contiguous()  # (B, h'w', D)
 
-        # Mask branch: the encoder gets no gradient from it (stop-gradient, reference §1.1 step 4).
+        # Mask branch: the encoder gets no gradient from it (stop-gradient, reference §1.1 step 4) unless the config
+        # opts out; ``mask_position`` "sine" adds the positional encoding to the mask features (ModelConfig).
         pos = sine_position_encoding(1, d, hp, wp, images.device, up.dtype).flatten(2).permute(2, 0, 1)
         if self.training:
-            probs = self._mask_probs(self.ffn1(up.detach()), pos, all_layers=True)
+            mask_in = up.detach() if self.config.mask_stop_gradient else up
+            probs = self._mask_probs(self._mask_features(mask_in, pos), pos, all_layers=True)
         else:
             # One image at a time: GEMMs pick kernels by matrix size, so running the mask branch per image keeps
             # every image's answer bitwise independent of how many images share its batch (the encoder's large
             # GEMMs and the text-space projection are batch-invariant as they are; tests/model/test_network.py).
-            probs = torch.cat([self._mask_probs(self.ffn1(up[i:i + 1]), pos, all_layers=False) for i in range(b)])
+            probs = torch.cat([self._mask_probs(self._mask_features(up[i:i + 1], pos), pos, all_layers=False)
+                               for i in range(b)])
         probs = probs.reshape(b, probs.shape[1], probs.shape[2], hp, wp)
 
         semantic = self._text_space(up.reshape(b, hp, wp, d), images.shape[-2:], valid_hw)
@@ -85,6 +88,14 @@ class ZUTIS(nn.Module):
             semantic_features=semantic,
             aux_mask_probs=probs[:, :-1] if self.training else None,
         )
+
+    def _mask_features(self, up: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) upsampled tokens -> (B, N, D) mask features ``M``: ``ffn1(up)`` (official), plus the (N, 1, D)
+        positional encoding ``pos`` when ``config.mask_position`` is "sine"."""
+        features = self.ffn1(up)
+        if self.config.mask_position == "sine":
+            features = features + pos.transpose(0, 1).to(features.dtype)
+        return features
 
     def _mask_probs(self, pixel_embed: torch.Tensor, pos: torch.Tensor, all_layers: bool) -> torch.Tensor:
         """(B, N, D) pixel embeddings -> (B, L or 1, Q, N) mask probabilities; ``pos`` is (N, 1, D)."""

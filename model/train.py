@@ -80,10 +80,32 @@ class EvalConfig:
     max_images: int | None = None
     subsets: dict[str, list[str]] | None = None  # {"unseen": [concepts]}: metrics over these classes too
     score_threshold: float | None = None  # None: the exported default; AP wants a low floor (the release: 0.001)
+    class_agnostic: bool = False  # opt-in: also class-agnostic mask AP (report["class_agnostic"]), same predictions
 
     def __post_init__(self) -> None:
         if self.image_dir and self.annotations is None and self.label_dir is None:
             raise ValueError("eval needs 'annotations' (COCO JSON) or 'label_dir' (semantic label PNGs)")
+
+
+@dataclass(frozen=True)
+class OracleScenesConfig:
+    """Opt-in (the ``oracle_scenes`` section; needs a ``world``): train on ``scenes`` freshly rendered 1-8-object
+    scenes (``seed``, which must differ from the world's validation and test seeds) with their true masks and
+    labels under ``labels`` ("colour": the 8 colours as the concepts, or "concept": the 64 colour-shape concepts),
+    in place of retrieval and pseudo-masks; the validation and test scenes are relabelled the same way
+    (``model.shapes.oracle``). The ladder's R0 / R2 rungs (docs/ladder-r0.md)."""
+
+    scenes: int = 2000
+    seed: int = 3
+    labels: str = "colour"
+
+    def __post_init__(self) -> None:
+        from model.shapes.oracle import LABELLINGS
+
+        if self.labels not in LABELLINGS:
+            raise ValueError(f"oracle_scenes.labels must be one of {list(LABELLINGS)}, got {self.labels!r}")
+        if self.scenes < 1:
+            raise ValueError(f"oracle_scenes.scenes must be positive, got {self.scenes}")
 
 
 @dataclass(frozen=True)
@@ -104,6 +126,10 @@ class TrainConfig:
     export_dtype: str = "float32"  # or "float16": half the file, loaded back as float32
     export_vocabulary: tuple[str, ...] | None = None  # the checkpoint's default concepts; default: vocabulary
     inference: dict[str, Any] = field(default_factory=dict)  # InferenceParams defaults stored in the checkpoint
+    # opt-in: a ZUTIS checkpoint whose encoder and text tower initialise the model (the heads stay random) instead of
+    # the CLIP file's; its architecture must match ``model``
+    init_checkpoint: str | None = None
+    oracle_scenes: OracleScenesConfig | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -113,6 +139,17 @@ class TrainConfig:
         world = _section(WorldConfig, d["world"], "world") if d.get("world") else None
         if world is None and "clip_weights" not in d:
             raise ValueError("config needs 'clip_weights' (or a 'world' section that pre-trains one)")
+        oracle = _section(OracleScenesConfig, d["oracle_scenes"], "oracle_scenes") if d.get("oracle_scenes") else None
+        if oracle is not None:
+            from model.shapes.oracle import labelling_vocabulary
+
+            if world is None:
+                raise ValueError("oracle_scenes needs a 'world' section (its validation and test scenes)")
+            if oracle.seed in (world.val_seed, world.test_seed):
+                raise ValueError(f"oracle_scenes.seed {oracle.seed} is the seed of the validation or test scenes: "
+                                 "training scenes must never be evaluation scenes")
+            d.setdefault("vocabulary", labelling_vocabulary(oracle.labels))
+            d.setdefault("export_vocabulary", labelling_vocabulary(oracle.labels))
         vocab = d.get("vocabulary") or (_world_concepts(world.train_split) if world else None)
         if vocab is None:
             raise ValueError("config needs 'vocabulary' (or a 'world' section whose split provides it)")
@@ -140,7 +177,8 @@ class TrainConfig:
                    val=_section(EvalConfig, d["val"], "val") if d.get("val") else None,
                    export_path=d.get("export_path"), export_dtype=d.get("export_dtype", "float32"),
                    export_vocabulary=tuple(export_vocab) if export_vocab else None,
-                   inference=dict(d.get("inference", {})))
+                   inference=dict(d.get("inference", {})), init_checkpoint=d.get("init_checkpoint"),
+                   oracle_scenes=oracle)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -161,7 +199,7 @@ def _world_concepts(split: str) -> list[str]:
 def with_world(cfg: TrainConfig, world: World) -> TrainConfig:
     """``cfg`` with the paths the world's stages built: CLIP, index (and its truth for ``masks: "truth"``), the
     test scenes as ``eval`` (with seen/unseen subsets) and the validation scenes as ``val``; of the config's own
-    ``eval`` / ``val`` sections only ``max_images`` and ``score_threshold`` are kept."""
+    ``eval`` / ``val`` sections only ``max_images``, ``score_threshold`` and ``class_agnostic`` are kept."""
     from model.shapes.world import ShapesWorld
 
     shapes = ShapesWorld()
@@ -175,12 +213,40 @@ def with_world(cfg: TrainConfig, world: World) -> TrainConfig:
     def scenes(folder: Path, given: EvalConfig | None, **kw: Any) -> EvalConfig:
         return EvalConfig(image_dir=str(folder / "images"), annotations=str(folder / "instances.json"),
                           label_dir=str(folder / "labels"),
-                          **({"max_images": given.max_images, "score_threshold": given.score_threshold}
-                             if given else {}), **kw)
+                          **({"max_images": given.max_images, "score_threshold": given.score_threshold,
+                              "class_agnostic": given.class_agnostic} if given else {}), **kw)
 
     return dataclasses.replace(cfg, clip_weights=str(world.clip_weights), data=data,
                                eval=scenes(world.test_dir, cfg.eval, subsets=subsets),
                                val=scenes(world.val_dir, cfg.val))
+
+
+def with_oracle_scenes(cfg: TrainConfig, cache_dir: Path, log) -> TrainConfig:
+    """``cfg`` (already ``with_world``) training on rendered scenes with true masks and labels (``oracle_scenes``):
+    a cached stage renders and labels them; eval / val become the relabelled test / validation scenes."""
+    from model.shapes import oracle as scene_oracle
+    from model.stages import run_stage
+
+    o, w = cfg.oracle_scenes, cfg.world
+    train_dir = run_stage(cache_dir, "shapes_oracle_scenes",
+                          {"n": o.scenes, "seed": o.seed, "labels": o.labels, "size": w.scene_size},
+                          lambda out: scene_oracle.write_training_scenes(out, o.scenes, o.seed, o.labels,
+                                                                         size=w.scene_size), log)
+
+    def relabel(given: EvalConfig, split: str) -> EvalConfig:
+        source = Path(given.image_dir).parent
+        folder = run_stage(cache_dir, f"shapes_{split}_{o.labels}", {"source": str(source), "labels": o.labels},
+                           lambda out: scene_oracle.write_relabelled_scenes(source, out, o.labels), log)
+        return dataclasses.replace(given, image_dir=str(folder / "images"), annotations=str(folder / "instances.json"),
+                                   label_dir=str(folder / "labels"), subsets=None)
+
+    retrieval_file = Path(cfg.out_dir) / "oracle_retrieval.json"  # absolute paths of this checkout's stage folder
+    retrieval_file.parent.mkdir(parents=True, exist_ok=True)
+    retrieval_file.write_text(json.dumps(scene_oracle.retrieval_lists(train_dir)))
+    data = dataclasses.replace(cfg.data, retrieval_file=str(retrieval_file), pseudo_mask_dir=None,
+                               ground_truth={"annotations": str(train_dir / "instances.json"),
+                                             "image_dir": os.path.abspath(train_dir / "images")})
+    return dataclasses.replace(cfg, data=data, eval=relabel(cfg.eval, "test"), val=relabel(cfg.val, "val"))
 
 
 def _reject_unknown(d: dict[str, Any], cls: type, where: str) -> None:
@@ -208,6 +274,8 @@ def validate_inputs(cfg: TrainConfig) -> None:
     """Check every file and folder the run will read, and the settings that could only fail later."""
     from model.stages import validate_data_inputs
 
+    if cfg.init_checkpoint and not Path(cfg.init_checkpoint).is_file():
+        raise FileNotFoundError(f"init_checkpoint: file not found: {cfg.init_checkpoint}")
     if not Path(cfg.clip_weights).is_file():
         raise FileNotFoundError(f"clip_weights: file not found: {cfg.clip_weights}")
     validate_data_inputs(cfg.data, cfg.clip_weights)
@@ -350,8 +418,14 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
     from model.clip_weights import load_clip
     from model.network import ZUTIS
 
-    towers = load_clip(cfg.clip_weights, cfg.model)
     model = ZUTIS(cfg.model)
+    if cfg.init_checkpoint:
+        from model.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(cfg.init_checkpoint)
+        model.encoder.load_state_dict(loaded.model.encoder.state_dict())
+        return model, loaded.text_encoder.tower.float().eval().requires_grad_(False)
+    towers = load_clip(cfg.clip_weights, cfg.model)
     model.encoder.load_state_dict(towers.visual.state_dict())
     text_tower = towers.text.eval().requires_grad_(False)
     return model, text_tower
@@ -400,7 +474,7 @@ def export(path: Path, model: torch.nn.Module, text_tower: torch.nn.Module, cfg:
         # one pass with the lowest candidate as floor; higher floors only drop detections (model.threshold)
         run = evaluate_checkpoint(path, val, device=str(device), max_images=cfg.val.max_images,
                                   score_threshold=0.001)
-        threshold, points = choose_score_threshold(val.coco, run.results)
+        threshold, points = choose_score_threshold(_first_images(val.coco, cfg.val.max_images), run.results)
         metadata.inference = metadata.inference.with_overrides(score_threshold=threshold)
         metadata.provenance["score_threshold"] = {
             "chosen": threshold, "criterion": "max instance F1 at mask IoU 0.5", "val_images": run.report["num_images"],
@@ -420,14 +494,31 @@ def export(path: Path, model: torch.nn.Module, text_tower: torch.nn.Module, cfg:
         report.pop("concepts", None)
         for subset in report.get("subsets", {}).values():
             subset.pop("concepts", None)
+        if e.class_agnostic and dataset.coco is not None:
+            from model.evaluate import evaluate_instances
+
+            report["class_agnostic"] = evaluate_instances(
+                dataset.coco, evaluation.results, class_agnostic=True,
+                image_ids=[s.image_id for s in dataset.samples[:e.max_images]])
         if dataset.coco is not None:
-            report["operating_point"] = operating_points(*match_detections(dataset.coco, evaluation.results),
+            report["operating_point"] = operating_points(*match_detections(_first_images(dataset.coco, e.max_images),
+                                                                             evaluation.results),
                                                          [metadata.inference.score_threshold])[0]
         metadata.provenance["metrics"] = report
         timings["evaluate"] = round(time.monotonic() - start, 1)
         save()
         log("metrics: " + json.dumps(report, default=str)[:2000])
     return path
+
+
+def _first_images(coco: dict[str, Any], max_images: int | None) -> dict[str, Any]:
+    """The COCO dataset restricted to its first ``max_images`` images (the ones an evaluation with ``max_images``
+    predicted), so that recall is counted over the objects of those images only; all of it for None."""
+    if max_images is None:
+        return coco
+    images = coco["images"][:max_images]
+    ids = {im["id"] for im in images}
+    return {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -497,6 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dist.world_size > 1:
             raise ValueError("a 'world' section builds its stages in one process: run it once without torchrun")
         cfg = with_world(cfg, prepare_world(cfg.world, cache_dir, log))
+        if cfg.oracle_scenes is not None:
+            cfg = with_oracle_scenes(cfg, cache_dir, log)
         validate_inputs(cfg)
         timings["world"], clock = round(time.monotonic() - clock, 1), time.monotonic()
 

@@ -225,3 +225,14 @@ def test_same_script_runs_under_torchrun_with_two_cpu_ranks(world, tmp_path):
     assert result.stdout.count("step 4/4") == 1  # only rank 0 logs
     assert read_metadata(out / "model.safetensors").provenance["world_size"] == 2
     assert _state(out / "train_state.pt")["step"] == 4
+
+
+def test_first_images_restricts_ground_truth_to_the_evaluated_scenes():
+    from model.train import _first_images
+
+    coco = {"images": [{"id": 7}, {"id": 3}], "categories": [],
+            "annotations": [{"id": 1, "image_id": 3}, {"id": 2, "image_id": 7}, {"id": 3, "image_id": 3}]}
+    assert _first_images(coco, None) is coco
+    first = _first_images(coco, 1)
+    assert first["images"] == [{"id": 7}] and [a["id"] for a in first["annotations"]] == [2]
+    assert [a["id"] for a in _first_images(coco, 2)["annotations"]] == [1, 2, 3]
