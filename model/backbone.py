@@ -108,10 +108,11 @@ def encode_patch_tokens(visual: nn.Module, images: torch.Tensor) -> tuple[torch.
 
 def _embed_image(visual: nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """(3, H, W) -> ((1 + h*w, D) CLS + patch tokens with positional embeddings, h, w): the official embedding."""
+    patch = getattr(visual, "patch_size", (1, 1))
+    if image.shape[-2] < patch[0] or image.shape[-1] < patch[1]:
+        raise ValueError(f"an image of {tuple(image.shape[-2:])} pixels is smaller than one patch {tuple(patch)}")
     x = visual.conv1(image.unsqueeze(0))  # (1, D, h, w)
     _, d, h, w = x.shape
-    if h < 1 or w < 1:
-        raise ValueError(f"an image of {tuple(image.shape[-2:])} pixels is smaller than one patch")
     x = x.reshape(d, h * w).t()
     x = torch.cat([visual.class_embedding.to(x.dtype).view(1, d), x], dim=0)
     return x + interpolate_pos_embed(visual.positional_embedding, h, w).to(x.dtype), h, w
