@@ -19,7 +19,7 @@ trained ones), written under ``runs/bench/`` if absent.
 
 ``--dry-run`` runs every piece of the script on a tiny random model (64 px, batch sizes 1-2, float32 on CPU,
 float16/bfloat16 on CUDA, two iterations, one short service run per geometry): it checks the script, its figures
-mean nothing. The full grid has not been run in this project yet (no GPU was available); see docs/benchmarks.md.
+mean nothing. The full grid has not been run in this project yet (no GPU was available; README, "Benchmarks").
 """
 
 from __future__ import annotations

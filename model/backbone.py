@@ -129,16 +129,17 @@ def _min_rows(device: torch.device) -> int:
     return max(64, 4 * torch.get_num_threads()) if device.type == "cpu" else 1
 
 
-def _ragged_attention(attn: nn.MultiheadAttention, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+def _ragged_attention(attn: nn.MultiheadAttention, x: torch.Tensor,
+                      groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
     """Self-attention of ``nn.MultiheadAttention`` weights over (B, N, D) padded sequences, each image attending
-    to its own ``lengths[i]`` tokens only (padding is masked out by never being read). Images of one length
-    share one ``scaled_dot_product_attention`` call. Padded rows of the result are zero."""
+    to its own tokens only (padding is masked out by never being read). ``groups``: ``(length, batch indices)``
+    of the images with that many tokens; each group shares one ``scaled_dot_product_attention`` call. Padded rows
+    of the result are zero."""
     b, n, d = x.shape
     heads = attn.num_heads
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (B, N, 3D): one GEMM for the whole batch
     out = x.new_zeros(b, n, d)
-    for length in sorted(set(lengths)):
-        idx = torch.tensor([i for i, m in enumerate(lengths) if m == length], device=x.device)
+    for length, idx in groups:
         part = qkv.index_select(0, idx)[:, :length]  # (G, m, 3D), a contiguous copy
         q, k, v = (t.reshape(len(idx), length, heads, d // heads).transpose(1, 2) for t in part.chunk(3, dim=-1))
         o = F.scaled_dot_product_attention(q, k, v)  # (G, heads, m, D/heads)
@@ -171,7 +172,10 @@ def encode_patch_tokens_ragged(visual: nn.Module,
         embedded.append(tokens)
         grids.append((h, w))
     lengths = [t.shape[0] for t in embedded]
-    n = max(max(lengths), _min_rows(embedded[0].device))
+    device = embedded[0].device
+    groups = [(m, torch.tensor([i for i, k in enumerate(lengths) if k == m], device=device))
+              for m in sorted(set(lengths))]
+    n = max(max(lengths), _min_rows(device))
     x = embedded[0].new_zeros(len(images), n, embedded[0].shape[1])
     for i, tokens in enumerate(embedded):
         x[i, : lengths[i]] = tokens
@@ -179,7 +183,7 @@ def encode_patch_tokens_ragged(visual: nn.Module,
     for block in visual.transformer.resblocks:
         if hasattr(block, "ln_1_kv") or not isinstance(block.attn, nn.MultiheadAttention):
             raise ValueError("the ragged encoder needs open_clip's plain ResidualAttentionBlock")
-        x = x + block.ls_1(_ragged_attention(block.attn, block.ln_1(x), lengths))
+        x = x + block.ls_1(_ragged_attention(block.attn, block.ln_1(x), groups))
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
     x = visual.ln_post(x[:, 1:])
     return x, grids
