@@ -372,3 +372,23 @@ def test_evaluate_predictor_rejects_missing_semantic_map(tmp_path):
     no_labels = load_coco_dataset(tmp_path / "gt.json", tmp_path / "images")
     assert evaluate_predictor(NoSemantic({3: "cat", 7: "dog"}), no_labels).report["instances"]["AP"] == \
         pytest.approx(100)
+
+
+def test_cli_passes_geometry_and_input_size_to_the_predictor(tmp_path, tiny_checkpoint, monkeypatch):
+    from model.predictor import Predictor
+
+    write_dataset(tmp_path)
+    seen = []
+    original = Predictor.from_checkpoint.__func__
+
+    def recording(cls, *args, **kwargs):
+        predictor = original(cls, *args, **kwargs)
+        seen.append((predictor.geometry, predictor.input_size))
+        return predictor
+
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(recording))
+    out = tmp_path / "report.json"
+    assert main(["--checkpoint", str(tiny_checkpoint), "--coco", str(tmp_path / "gt.json"), "--images",
+                 str(tmp_path / "images"), "--geometry", "native", "--input-size", "48", "--out", str(out)]) == 0
+    assert seen == [("native", 48)]
+    assert json.loads(out.read_text())["num_images"] == 2
