@@ -84,13 +84,17 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_in_process(checkpoint: Path, device: str, dtype: str, geometry: str, input_size: int,
+def bench_in_process(loaded: Any, device: str, dtype: str, geometry: str, input_size: int,
                      batch_size: int, images: list[Any], iterations: int, warmup: int) -> dict[str, Any]:
-    """Timed passes of one batch through the predictor: forward alone and forward + post-processing + JSON."""
-    from model.predictor import Predictor
+    """Timed passes of one batch through the predictor: forward alone and forward + post-processing + JSON.
+
+    ``loaded``: the ``LoadedCheckpoint`` (read once per input size; the predictors share its modules in turn).
+    """
+    from model.predictor import Predictor, resolve_device, resolve_dtype
     from model.schema import build_response
 
-    predictor = Predictor.from_checkpoint(checkpoint, device, dtype, input_size, geometry)
+    dev = resolve_device(device)
+    predictor = Predictor(loaded, dev, resolve_dtype(dtype, dev), input_size, geometry)
     prepared = [predictor.prepare(images[i % len(images)]) for i in range(batch_size)]
     vocabulary, text = predictor.encode_concepts(CONCEPTS)
     params = predictor.params()
@@ -114,7 +118,7 @@ def bench_in_process(checkpoint: Path, device: str, dtype: str, geometry: str, i
                                                         / batch_size, 1)}
     for name, times in (("forward", forward_s), ("end_to_end", total_s)):
         result[name] = {"images_per_s": round(batch_size * len(times) / sum(times), 3), **percentiles(times)}
-    del predictor, output
+    del output
     if device.startswith("cuda"):
         import torch
 
@@ -198,10 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8790)
     parser.add_argument("--images", type=int, default=16, help="distinct COCO-sized images in the mix")
     parser.add_argument("--json-out", type=Path, required=True)
+    parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "runs" / "bench",
+                        help="where the random checkpoints and the service log go")
     args = parser.parse_args(argv)
 
     import torch
     from PIL import Image
+
+    from model.checkpoint import load_checkpoint
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available (use --dry-run --device cpu to check the script)")
@@ -211,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         args.service_requests, args.images = 4, 4
         if args.device == "cpu":
             args.dtypes = ["float32"]  # the predictor runs float32 only on CPU
-    runs = REPO_ROOT / "runs" / "bench"
+    runs = args.work_dir
     jpegs = coco_like_jpegs(args.images)
     images = [Image.open(io.BytesIO(j)).convert("RGB") for j in jpegs]
     results: dict[str, Any] = {"benchmark": "gpu_bench", "dry_run": args.dry_run,
@@ -220,10 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         name = f"{'tiny' if args.dry_run else 'vit-b16'}-{size}-random.safetensors"
         checkpoint = make_checkpoint(runs / name, size, args.dry_run)
+        loaded = load_checkpoint(checkpoint, "cpu")
         for dtype in args.dtypes:
             for geometry in args.geometries:
                 for batch_size in args.batch_sizes:
-                    row = bench_in_process(checkpoint, args.device, dtype, geometry, size, batch_size, images,
+                    row = bench_in_process(loaded, args.device, dtype, geometry, size, batch_size, images,
                                            args.iterations, args.warmup)
                     row.update(input_size=size, dtype=dtype, geometry=geometry)
                     results["in_process"].append(row)

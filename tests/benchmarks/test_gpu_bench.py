@@ -14,7 +14,8 @@ def test_percentiles_in_milliseconds():
 
 def test_gpu_bench_dry_run_in_process(tmp_path):
     out = tmp_path / "gpu.json"
-    assert main(["--dry-run", "--device", "cpu", "--service-batch-sizes", "", "--json-out", str(out)]) == 0
+    assert main(["--dry-run", "--device", "cpu", "--service-batch-sizes", "", "--json-out", str(out),
+                 "--work-dir", str(tmp_path)]) == 0
     result = json.loads(out.read_text())
     assert result["dry_run"] is True and result["service"] == []
     rows = result["in_process"]
@@ -32,7 +33,7 @@ def test_gpu_bench_dry_run_in_process(tmp_path):
 def test_gpu_bench_dry_run_through_the_service(tmp_path):
     out = tmp_path / "gpu.json"
     assert main(["--dry-run", "--device", "cpu", "--geometries", "native", "--batch-sizes", "1",
-                 "--port", "8797", "--json-out", str(out)]) == 0
+                 "--port", "8797", "--json-out", str(out), "--work-dir", str(tmp_path)]) == 0
     [row] = json.loads(out.read_text())["service"]
     assert row["geometry"] == "native" and row["requests"] == 4 and row["images_per_s"] > 0
     assert row["p99_ms"] >= row["p50_ms"] > 0

@@ -60,7 +60,8 @@ def test_gpu_bench_quick_run(tmp_path):
     from benchmarks.gpu_bench import main
 
     out = tmp_path / "gpu.json"
-    assert main(["--dry-run", "--device", "cuda", "--service-batch-sizes", "", "--json-out", str(out)]) == 0
+    assert main(["--dry-run", "--device", "cuda", "--service-batch-sizes", "", "--json-out", str(out),
+                 "--work-dir", str(tmp_path)]) == 0
     rows = json.loads(out.read_text())["in_process"]
     assert {r["dtype"] for r in rows} == {"float16", "bfloat16"}
     assert all(r["forward"]["images_per_s"] > 0 for r in rows)
