@@ -106,6 +106,89 @@ def encode_patch_tokens(visual: nn.Module, images: torch.Tensor) -> tuple[torch.
     return x, h, w
 
 
+def _embed_image(visual: nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(3, H, W) -> ((1 + h*w, D) CLS + patch tokens with positional embeddings, h, w): the official embedding."""
+    patch = getattr(visual, "patch_size", (1, 1))
+    if image.shape[-2] < patch[0] or image.shape[-1] < patch[1]:
+        raise ValueError(f"an image of {tuple(image.shape[-2:])} pixels is smaller than one patch {tuple(patch)}")
+    x = visual.conv1(image.unsqueeze(0))  # (1, D, h, w)
+    _, d, h, w = x.shape
+    x = x.reshape(d, h * w).t()
+    x = torch.cat([visual.class_embedding.to(x.dtype).view(1, d), x], dim=0)
+    return x + interpolate_pos_embed(visual.positional_embedding, h, w).to(x.dtype), h, w
+
+
+def _min_rows(device: torch.device) -> int:
+    """Shortest padded sequence for the ragged encoder on this device.
+
+    CPU GEMMs split a matrix with few rows across threads differently (measured: rows changed in the last bits
+    below about ``threads + 2`` rows), so a short sequence alone would not be computed like the same sequence
+    inside a batch; padding every sequence to at least this many rows keeps an image's answer bitwise
+    independent of its batch. GPUs give no bitwise guarantee anyway and pad nothing.
+    """
+    return max(64, 4 * torch.get_num_threads()) if device.type == "cpu" else 1
+
+
+def _ragged_attention(attn: nn.MultiheadAttention, x: torch.Tensor,
+                      groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """Self-attention of ``nn.MultiheadAttention`` weights over (B, N, D) padded sequences, each image attending
+    to its own tokens only (padding is masked out by never being read). ``groups``: ``(length, batch indices)``
+    of the images with that many tokens; each group shares one ``scaled_dot_product_attention`` call. Padded rows
+    of the result are zero."""
+    b, n, d = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (B, N, 3D): one GEMM for the whole batch
+    out = x.new_zeros(b, n, d)
+    for length, idx in groups:
+        part = qkv.index_select(0, idx)[:, :length]  # (G, m, 3D), a contiguous copy
+        q, k, v = (t.reshape(len(idx), length, heads, d // heads).transpose(1, 2) for t in part.chunk(3, dim=-1))
+        o = F.scaled_dot_product_attention(q, k, v)  # (G, heads, m, D/heads)
+        out[idx, :length] = o.transpose(1, 2).reshape(len(idx), length, d)
+    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+
+
+def encode_patch_tokens_ragged(visual: nn.Module,
+                               images: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The official encoder forward (reference §1.2) for images of different sizes in one pass.
+
+    Each image is embedded at its own size (patch embedding, CLS, positional embedding interpolated to its own
+    ``h x w`` grid), the token sequences are padded to a common length, and the transformer runs on the padded
+    batch with every image attending only to its own tokens, so an image's tokens do not depend on the others
+    (bitwise on CPU, see ``_min_rows``). Needs open_clip's pre-LN ``ResidualAttentionBlock``s.
+
+    Args:
+        visual: the open_clip vision tower.
+        images: ``B`` tensors ``(3, H_i, W_i)``, normalised; trailing pixels that do not fill a patch are dropped.
+
+    Returns:
+        ``(tokens, grids)``: tokens ``(B, N, D)`` after ``ln_post``, CLS removed, image ``i``'s ``h_i * w_i``
+        patch tokens first (row-major) and padding after; ``grids`` the ``(h_i, w_i)``.
+    """
+    if not images:
+        raise ValueError("encode_patch_tokens_ragged needs at least one image")
+    embedded, grids = [], []
+    for image in images:
+        tokens, h, w = _embed_image(visual, image)
+        embedded.append(tokens)
+        grids.append((h, w))
+    lengths = [t.shape[0] for t in embedded]
+    device = embedded[0].device
+    groups = [(m, torch.tensor([i for i, k in enumerate(lengths) if k == m], device=device))
+              for m in sorted(set(lengths))]
+    n = max(max(lengths), _min_rows(device))
+    x = embedded[0].new_zeros(len(images), n, embedded[0].shape[1])
+    for i, tokens in enumerate(embedded):
+        x[i, : lengths[i]] = tokens
+    x = visual.ln_pre(x)
+    for block in visual.transformer.resblocks:
+        if hasattr(block, "ln_1_kv") or not isinstance(block.attn, nn.MultiheadAttention):
+            raise ValueError("the ragged encoder needs open_clip's plain ResidualAttentionBlock")
+        x = x + block.ls_1(_ragged_attention(block.attn, block.ln_1(x), groups))
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    x = visual.ln_post(x[:, 1:])
+    return x, grids
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

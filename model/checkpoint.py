@@ -3,8 +3,10 @@
 Tensors: ``zutis.*`` (the network: encoder, heads, decoder; official key names after the prefix) and ``text.*``
 (the CLIP text tower). Metadata (safetensors ``__metadata__``, string values holding JSON): ``format``,
 ``model_id``, ``model_config``, ``vocabulary`` (training vocabulary, background first), ``inference`` (default
-post-processing parameters), ``input_size`` (inference letterbox size), ``prompt_templates`` and ``provenance``
-(command, git commit, date, data, metrics). Loading never unpickles anything.
+post-processing parameters), ``input_size`` (inference letterbox size, or the longer-side cap in native
+geometry), ``geometry`` (the default geometry policy, ``letterbox`` or ``native``; absent in older files, which
+mean ``letterbox``), ``prompt_templates`` and ``provenance`` (command, git commit, date, data, metrics). Loading
+never unpickles anything.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from model.clip_weights import load_state_strict
 from model.config import InferenceParams, ModelConfig
+from model.geometry import check_geometry
 from model.network import ZUTIS
 from model.text import TextEncoder
 
@@ -37,13 +40,23 @@ class CheckpointMetadata:
     input_size: int | None = None  # None: the training input size of the model config
     prompt_templates: list[str] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    geometry: str | None = None  # None: "letterbox" (checkpoints written before the field existed)
+
+    def __post_init__(self) -> None:
+        if self.geometry is not None:
+            check_geometry(self.geometry)
 
     @property
     def inference_input_size(self) -> int:
         return int(self.input_size or self.model_config.input_size)
 
+    @property
+    def inference_geometry(self) -> str:
+        """The default geometry policy: the stored one, else ``letterbox``."""
+        return self.geometry or "letterbox"
+
     def to_strings(self) -> dict[str, str]:
-        return {
+        strings = {
             "format": FORMAT,
             "model_id": self.model_id,
             "model_config": self.model_config.to_json(),
@@ -53,6 +66,9 @@ class CheckpointMetadata:
             "prompt_templates": json.dumps(self.prompt_templates),
             "provenance": json.dumps(self.provenance, sort_keys=True, default=str),
         }
+        if self.geometry is not None:  # written only when set: files stay byte-identical otherwise
+            strings["geometry"] = json.dumps(self.geometry)
+        return strings
 
     @classmethod
     def from_strings(cls, meta: dict[str, str], source: str = "checkpoint") -> "CheckpointMetadata":
@@ -68,6 +84,7 @@ class CheckpointMetadata:
                 input_size=json.loads(meta.get("input_size", "null")),
                 prompt_templates=json.loads(meta.get("prompt_templates", "null")),
                 provenance=json.loads(meta.get("provenance", "{}")),
+                geometry=json.loads(meta.get("geometry", "null")),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise ValueError(f"{source}: malformed checkpoint metadata ({exc})") from exc

@@ -27,11 +27,14 @@ from model.config import InferenceParams, ModelConfig
 ARCHITECTURES = {"ViT-B-16": "ViT-B-16-quickgelu", "ViT-B-32": "ViT-B-32-quickgelu"}
 _PATCH_TO_ARCH = {16: "ViT-B-16", 32: "ViT-B-32"}
 
-# The official inference protocol (reference §3.3-3.4); 640 = the longer side of COCO images, so the letterbox
-# reproduces the official full-resolution input for them.
+# The official inference protocol (reference §3.3-3.4); 640 = the longer side of COCO images, so neither the
+# native cap nor the letterbox resizes them.
 OFFICIAL_INFERENCE = InferenceParams(mask_threshold=0.5, temperature=5.0, nms_iou=0.3, score_threshold=0.001,
                                      max_instances=100)
 OFFICIAL_INPUT_SIZE = 640
+# The official protocol runs every image at its own size (reference §3.1): native geometry, with the input size
+# as the longer-side cap (ImageNet-S caps at 1024; pass --input-size 1024 there).
+OFFICIAL_GEOMETRY = "native"
 
 
 def official_model_config(arch: str) -> ModelConfig:
@@ -144,6 +147,7 @@ def convert_official(zutis_path: str | Path, clip_path: str | Path, vocabulary: 
         inference=OFFICIAL_INFERENCE,
         input_size=OFFICIAL_INPUT_SIZE,
         prompt_templates=None,  # the official models embed the raw category names
+        geometry=OFFICIAL_GEOMETRY,
         provenance={
             "source": "official ZUTIS release (github.com/NoelShin/zutis), converted by model.convert_official",
             "zutis_file": zutis_path.name,

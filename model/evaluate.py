@@ -469,14 +469,19 @@ class ProgressReporter:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, dataset: EvalDataset, concepts: Sequence[str] | None = None, *,
-                        device: str = "cpu", **kwargs: Any) -> Evaluation:
-    """Load ``checkpoint`` with ``model.predictor.Predictor`` and run ``evaluate_predictor`` with it."""
+                        device: str = "cpu", geometry: str | None = None, input_size: int | None = None,
+                        **kwargs: Any) -> Evaluation:
+    """Load ``checkpoint`` with ``model.predictor.Predictor`` and run ``evaluate_predictor`` with it.
+
+    ``geometry`` (``letterbox``/``native``) and ``input_size`` default to the checkpoint's.
+    """
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     from model.predictor import Predictor
 
-    return evaluate_predictor(Predictor.from_checkpoint(checkpoint, device=device), dataset, concepts, **kwargs)
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, input_size=input_size, geometry=geometry)
+    return evaluate_predictor(predictor, dataset, concepts, **kwargs)
 
 
 def evaluate_predictor(predictor: Any, dataset: EvalDataset, concepts: Sequence[str] | None = None, *,
@@ -626,6 +631,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--class-agnostic", action="store_true", help="class-agnostic mask AP")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--geometry", choices=["letterbox", "native"],
+                        help="letterbox into S x S, or native (each image at its own size, the official protocol); "
+                             "default: the checkpoint's")
+    parser.add_argument("--input-size", type=int, help="override the checkpoint's input size (letterbox side S, or "
+                        "the longer-side cap in native geometry; the official ImageNet-S protocol caps at 1024)")
     parser.add_argument("--max-images", type=int, help="evaluate only the first N images")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     parser.add_argument("--save-results", type=Path, help="write the model's COCO results JSON here")
@@ -663,6 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             raise SystemExit("give --coco, or --semantic-labels with --concepts")
         evaluation = evaluate_checkpoint(args.checkpoint, dataset, concepts, device=args.device,
+                                         geometry=args.geometry, input_size=args.input_size,
                                          class_agnostic=args.class_agnostic, subsets=subsets,
                                          batch_size=args.batch_size, max_images=args.max_images, progress=True,
                                          exif_orientation=args.exif_orientation)

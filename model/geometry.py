@@ -5,13 +5,16 @@ The image is resized (bilinear, aspect kept) so that its longer side is ``S``, p
 ``S x S`` canvas and padded bottom/right with zeros *after* normalisation (i.e. with the mean colour). Outputs
 come back in one bilinear sampling from the grid straight to ``(H, W)``; nothing here allocates an ``S x S``
 intermediate.
+
+The resampling functions take any ``Placement``: the letterbox here, or the native geometry of
+``model.native`` (each image at its own size, the official protocol), whose input is the resized image itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -19,6 +22,32 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from PIL import Image
+
+# The geometry policies (docs/design.md): "letterbox" (every image in an S x S square) and "native" (each image
+# at its own size, resized only past a cap; the official protocol, model.native).
+GEOMETRIES = ("letterbox", "native")
+
+
+def check_geometry(name: str) -> str:
+    """``name`` if it is one of ``GEOMETRIES``, else ``ValueError``."""
+    if name not in GEOMETRIES:
+        raise ValueError(f"unknown geometry {name!r}; use one of {', '.join(GEOMETRIES)}")
+    return name
+
+
+class Placement(Protocol):
+    """Where an ``(H, W)`` image sits in the network input: the resized ``(rh, rw)`` image occupies the top-left
+    of an ``input_hw`` input (the rest is padding)."""
+
+    @property
+    def image_hw(self) -> tuple[int, int]: ...
+
+    @property
+    def resized_hw(self) -> tuple[int, int]: ...
+
+    @property
+    def input_hw(self) -> tuple[int, int]: ...
+
 
 # Bound on the elements of the float blocks interpolated at once by resample_argmax_to_image (~16 MiB).
 _CHUNK_ELEMENTS = 2**22
@@ -52,6 +81,11 @@ class Letterbox:
         return self.resized_hw
 
     @property
+    def input_hw(self) -> tuple[int, int]:
+        """``(S, S)``: the network input's size in pixels."""
+        return (self.input_size, self.input_size)
+
+    @property
     def scale(self) -> float:
         """Input pixels per original pixel (``S / max(H, W)``)."""
         return self.input_size / max(self.image_hw)
@@ -81,7 +115,8 @@ def letterbox_for(image_hw: Sequence[int], input_size: int) -> Letterbox:
     return Letterbox(image_hw=(h, w), input_size=s, resized_hw=resized)
 
 
-def _as_rgb_pil(image: "Image.Image | np.ndarray") -> "Image.Image":
+def as_rgb_pil(image: "Image.Image | np.ndarray") -> "Image.Image":
+    """A PIL image (converted to RGB) or an ``(H, W, 3)`` uint8 RGB array -> an RGB PIL image."""
     from PIL import Image  # deferred: only the preprocessing path needs PIL
 
     if isinstance(image, Image.Image):
@@ -116,36 +151,59 @@ def preprocess_image(
         raise ValueError(f"mean and std need 3 values each, got {len(mean)} and {len(std)}")
     if any(float(s) <= 0.0 for s in std):
         raise ValueError(f"std must be positive, got {tuple(std)}")
-    pil = _as_rgb_pil(image)
+    pil = as_rgb_pil(image)
     box = letterbox_for((pil.height, pil.width), input_size)
     rh, rw = box.resized_hw
-    if (rh, rw) != box.image_hw:
-        from PIL import Image
-
-        pil = pil.resize((rw, rh), resample=Image.Resampling.BILINEAR)
-    pixels = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    mean_t = torch.tensor([float(v) for v in mean], dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor([float(v) for v in std], dtype=torch.float32).view(3, 1, 1)
     x = torch.zeros(3, box.input_size, box.input_size, dtype=torch.float32)
-    x[:, :rh, :rw] = (pixels - mean_t) / std_t
+    normalise_pixels(pil, box.resized_hw, mean, std, out=x[:, :rh, :rw])
     return x, box
 
 
+def normalise_pixels(pil: "Image.Image", size_hw: tuple[int, int], mean: Sequence[float],
+                     std: Sequence[float], out: torch.Tensor | None = None) -> torch.Tensor:
+    """An RGB PIL image resized (PIL bilinear, only if its size differs) to ``size_hw`` = ``(h, w)``, as a
+    ``(3, h, w)`` float32 tensor ``(v / 255 - mean) / std``, written into ``out`` (a (3, h, w) float32 tensor or
+    view) when given.
+
+    The arithmetic runs in place in the destination, one operation per pass (float(v), / 255, - mean, / std,
+    each rounded to float32 as before): the same values as the out-of-place expression at about a third of its
+    CPU time (benchmarks/host_bench.py).
+    """
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values each, got {len(mean)} and {len(std)}")
+    if any(float(s) <= 0.0 for s in std):
+        raise ValueError(f"std must be positive, got {tuple(std)}")
+    h, w = size_hw
+    if (pil.height, pil.width) != (h, w):
+        from PIL import Image
+
+        pil = pil.resize((w, h), resample=Image.Resampling.BILINEAR)
+    if out is None:
+        out = torch.empty(3, h, w, dtype=torch.float32)
+    if tuple(out.shape) != (3, h, w) or out.dtype != torch.float32:
+        raise ValueError(f"out must be a (3, {h}, {w}) float32 tensor, got {tuple(out.shape)} {out.dtype}")
+    out.copy_(torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1))
+    mean_t = torch.tensor([float(v) for v in mean], dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor([float(v) for v in std], dtype=torch.float32).view(3, 1, 1)
+    return out.div_(255.0).sub_(mean_t).div_(std_t)
+
+
 def _sampling_grid(
-    letterbox: Letterbox, rows: tuple[int, int] | None, dtype: torch.dtype, device: torch.device
+    letterbox: Placement, rows: tuple[int, int] | None, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """The ``(1, rows, W, 2)`` grid_sample grid (x, y in [-1, 1], align_corners=False) for output rows.
 
-    Output pixel ``y`` samples grid row ``g = (y + 0.5) * rh / (H * S) * h' - 0.5``; in grid_sample's
-    normalised coordinates (``g = ((n + 1) * h' - 1) / 2``) that is ``n = 2 * (y + 0.5) * rh / (H * S) - 1``,
-    independent of ``h'``. Coordinates are computed in float64 and then cast.
+    Output pixel ``y`` samples grid row ``g = (y + 0.5) * rh / (H * S) * h' - 0.5`` (``S`` the input's height;
+    likewise for columns with its width); in grid_sample's normalised coordinates (``g = ((n + 1) * h' - 1) / 2``)
+    that is ``n = 2 * (y + 0.5) * rh / (H * S) - 1``, independent of ``h'``. Coordinates are computed in float64
+    and then cast.
     """
     h, w = letterbox.image_hw
     rh, rw = letterbox.resized_hw
-    s = letterbox.input_size
+    sh, sw = letterbox.input_hw
     r0, r1 = (0, h) if rows is None else rows
-    ys = (torch.arange(r0, r1, dtype=torch.float64) + 0.5) * (2.0 * rh / (h * s)) - 1.0
-    xs = (torch.arange(w, dtype=torch.float64) + 0.5) * (2.0 * rw / (w * s)) - 1.0
+    ys = (torch.arange(r0, r1, dtype=torch.float64) + 0.5) * (2.0 * rh / (h * sh)) - 1.0
+    xs = (torch.arange(w, dtype=torch.float64) + 0.5) * (2.0 * rw / (w * sw)) - 1.0
     grid = torch.empty(1, r1 - r0, w, 2, dtype=torch.float64)
     grid[..., 0] = xs.view(1, 1, w)
     grid[..., 1] = ys.view(1, -1, 1)
@@ -153,7 +211,7 @@ def _sampling_grid(
 
 
 def resample_to_image(
-    maps: torch.Tensor, letterbox: Letterbox, rows: tuple[int, int] | None = None
+    maps: torch.Tensor, letterbox: Placement, rows: tuple[int, int] | None = None
 ) -> torch.Tensor:
     """Bilinearly resample maps on the network's output grid to the original image's pixels, in one sampling.
 
@@ -251,10 +309,11 @@ class _Cells:
         return rows, cols
 
 
-def _cells(letterbox: Letterbox, grid_hw: tuple[int, int], device: torch.device) -> _Cells:
+def _cells(letterbox: Placement, grid_hw: tuple[int, int], device: torch.device) -> _Cells:
     gh, gw = grid_hw
-    y0, wy = _axis_sampling(letterbox.image_hw[0], letterbox.resized_hw[0], gh, letterbox.input_size, device)
-    x0, wx = _axis_sampling(letterbox.image_hw[1], letterbox.resized_hw[1], gw, letterbox.input_size, device)
+    sh, sw = letterbox.input_hw
+    y0, wy = _axis_sampling(letterbox.image_hw[0], letterbox.resized_hw[0], gh, sh, device)
+    x0, wx = _axis_sampling(letterbox.image_hw[1], letterbox.resized_hw[1], gw, sw, device)
     row_start, row_count = _runs(y0, gh)
     col_start, col_count = _runs(x0, gw)
     return _Cells((gh, gw), letterbox.image_hw, y0, wy, x0, wx, row_start, row_count, col_start, col_count)
@@ -265,7 +324,7 @@ def _shifted(maps: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([maps.narrow(dim, 1, maps.shape[dim] - 1), maps.narrow(dim, maps.shape[dim] - 1, 1)], dim)
 
 
-def resample_masks_to_image(probs: torch.Tensor, letterbox: Letterbox, threshold: float) -> torch.Tensor:
+def resample_masks_to_image(probs: torch.Tensor, letterbox: Placement, threshold: float) -> torch.Tensor:
     """``resample_to_image(probs, letterbox) > threshold`` without interpolating most pixels.
 
     A bilinear value is a convex combination of the four grid values around it, so wherever all four exceed
@@ -314,7 +373,7 @@ def resample_masks_to_image(probs: torch.Tensor, letterbox: Letterbox, threshold
     return out
 
 
-def resample_argmax_to_image(maps: torch.Tensor, letterbox: Letterbox) -> torch.Tensor:
+def resample_argmax_to_image(maps: torch.Tensor, letterbox: Placement) -> torch.Tensor:
     """``resample_to_image(maps, letterbox).argmax(0)`` without interpolating most pixels.
 
     Where the four grid values around a cell share their argmax ``c``, every convex combination of them has
@@ -357,7 +416,7 @@ def resample_argmax_to_image(maps: torch.Tensor, letterbox: Letterbox) -> torch.
     return out
 
 
-def valid_grid_hw(letterbox: Letterbox, grid_hw: Sequence[int]) -> tuple[int, int]:
+def valid_grid_hw(letterbox: Placement, grid_hw: Sequence[int]) -> tuple[int, int]:
     """``(vh, vw)``: how many rows/columns of an ``h' x w'`` output grid cover any part of the valid region.
 
     ``vh = ceil(rh / S * h')``, ``vw = ceil(rw / S * w')`` (exact integer arithmetic), clamped to
@@ -368,11 +427,12 @@ def valid_grid_hw(letterbox: Letterbox, grid_hw: Sequence[int]) -> tuple[int, in
     if gh < 1 or gw < 1:
         raise ValueError(f"grid size must be positive, got {tuple(grid_hw)}")
     rh, rw = letterbox.resized_hw
-    s = letterbox.input_size
-    vh = -(-rh * gh // s)
-    vw = -(-rw * gw // s)
+    sh, sw = letterbox.input_hw
+    vh = -(-rh * gh // sh)
+    vw = -(-rw * gw // sw)
     return min(max(vh, 1), gh), min(max(vw, 1), gw)
 
 
-__all__ = ["Letterbox", "letterbox_for", "preprocess_image", "resample_to_image", "resample_masks_to_image",
+__all__ = ["GEOMETRIES", "check_geometry", "Placement", "Letterbox", "letterbox_for", "preprocess_image",
+           "normalise_pixels", "resample_to_image", "resample_masks_to_image",
            "resample_argmax_to_image", "valid_grid_hw"]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.backbone import build_vision_tower, encode_patch_tokens
+from model.backbone import build_vision_tower, encode_patch_tokens, encode_patch_tokens_ragged
 from model.config import ModelConfig
 from model.decoder import MLP, TransformerDecoder, sine_position_encoding
 
@@ -25,11 +25,14 @@ class ZUTISOutput:
     mask_probs: (B, Q, h', w') sigmoid mask probabilities of the last decoder layer.
     semantic_features: (B, h', w', E) per-pixel features in the CLIP text space, unit L2 norm per pixel.
     aux_mask_probs: (B, L-1, Q, h', w') the earlier decoder layers' masks (training mode only), else None.
+    grid_hw: for a ragged batch (``ZUTIS.forward_ragged``), each image's own (h'_i, w'_i): its outputs are the
+        top-left ``h'_i x w'_i`` of the padded grid (zeros elsewhere). None: every image uses the whole grid.
     """
 
     mask_probs: torch.Tensor
     semantic_features: torch.Tensor
     aux_mask_probs: torch.Tensor | None = None
+    grid_hw: list[tuple[int, int]] | None = None
 
     def all_layer_mask_probs(self) -> torch.Tensor:
         """(B, L, Q, h', w'): every decoder layer's masks, last layer last (training mode only)."""
@@ -96,6 +99,34 @@ class ZUTIS(nn.Module):
         if self.config.mask_position == "sine":
             features = features + pos.transpose(0, 1).to(features.dtype)
         return features
+
+    def forward_ragged(self, images: list[torch.Tensor]) -> ZUTISOutput:
+        """Images of different sizes in one pass (inference only): each image's outputs equal its outputs alone.
+
+        ``images``: ``B`` normalised tensors ``(3, H_i, W_i)`` (trailing pixels that do not fill a patch are
+        dropped, as in the official code). The encoder runs on the padded batch with padding masked out of
+        attention (``backbone.encode_patch_tokens_ragged``); the upsampling, the mask branch (decoder) and the
+        text-space statistics run per image on its own grid. Returns outputs padded to the largest grid, with
+        ``grid_hw`` set.
+        """
+        if self.training:
+            raise RuntimeError("forward_ragged is for inference; train on fixed-size crops with forward()")
+        tokens, grids = encode_patch_tokens_ragged(self.encoder, images)  # (B, N, D)
+        b, _, d = tokens.shape
+        out_grids = [(2 * h, 2 * w) for h, w in grids]
+        hmax, wmax = max(g[0] for g in out_grids), max(g[1] for g in out_grids)
+        probs = tokens.new_zeros(b, self.config.num_queries, hmax, wmax)
+        semantic = tokens.new_zeros(b, hmax, wmax, self.encoder.proj.shape[1])
+        for i, (h, w) in enumerate(grids):
+            grid = tokens[i:i + 1, : h * w].transpose(1, 2).reshape(1, d, h, w)
+            grid = F.interpolate(grid, scale_factor=2, mode="bilinear", align_corners=False)  # (1, D, h', w')
+            hp, wp = grid.shape[-2:]
+            up = grid.flatten(2).transpose(1, 2).contiguous()  # (1, h'w', D)
+            pos = sine_position_encoding(1, d, hp, wp, up.device, up.dtype).flatten(2).permute(2, 0, 1)
+            features = self._mask_features(up, pos)
+            probs[i, :, :hp, :wp] = self._mask_probs(features, pos, all_layers=False).reshape(-1, hp, wp)
+            semantic[i, :hp, :wp] = self._text_space(up.reshape(1, hp, wp, d), torch.Size((hp, wp)), None)[0]
+        return ZUTISOutput(mask_probs=probs, semantic_features=semantic, grid_hw=out_grids)
 
     def _mask_probs(self, pixel_embed: torch.Tensor, pos: torch.Tensor, all_layers: bool) -> torch.Tensor:
         """(B, N, D) pixel embeddings -> (B, L or 1, Q, N) mask probabilities; ``pos`` is (N, 1, D)."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from model.config import InferenceParams
-from model.geometry import Letterbox, resample_argmax_to_image, resample_masks_to_image, valid_grid_hw
+from model.geometry import Placement, resample_argmax_to_image, resample_masks_to_image, valid_grid_hw
 from model.nms import mask_areas, mask_nms
 from model.rle import encode_masks, masks_to_boxes_xywh
 
@@ -66,7 +66,7 @@ def _check_outputs(mask_probs: torch.Tensor | None, semantic_features: torch.Ten
 
 @torch.no_grad()
 def semantic_label_map(
-    semantic_features: torch.Tensor, text_embeddings: torch.Tensor, letterbox: Letterbox
+    semantic_features: torch.Tensor, text_embeddings: torch.Tensor, letterbox: Placement
 ) -> torch.Tensor:
     """Semantic segmentation (reference §3.2): argmax over concepts of the cosine logits resampled to ``(H, W)``.
 
@@ -143,7 +143,7 @@ def postprocess(
     semantic_features: torch.Tensor,
     text_embeddings: torch.Tensor,
     concepts: list[str],
-    letterbox: Letterbox,
+    letterbox: Placement,
     params: InferenceParams,
     semantic: bool = True,
 ) -> Prediction:
@@ -163,7 +163,7 @@ def postprocess(
         semantic_features: ``(h', w', E)`` unit-norm text-space features.
         text_embeddings: ``(C, E)`` unit-norm concept embeddings, background at index 0.
         concepts: the ``C`` concept names, background first.
-        letterbox: the image's letterbox (gives ``(H, W)``).
+        letterbox: the image's placement (``geometry.Letterbox`` or ``native.NativeSize``; gives ``(H, W)``).
         params: post-processing parameters.
         semantic: also compute the semantic label map.
     """
@@ -187,7 +187,7 @@ def postprocess(
     final = final[: params.max_instances]
     masks, scores, labels, areas = masks[final], scores[final], labels[final], areas[final]
 
-    rles = encode_masks(masks.cpu())
+    rles = encode_masks(masks)  # transposed for RLE on the masks' device: less work for a GPU host's CPU
     boxes = masks_to_boxes_xywh(masks).cpu().tolist()
     instances = [
         InstancePrediction(concept_index=int(lab), concept=concepts[int(lab)], score=float(s),

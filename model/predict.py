@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-instances", type=int)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on GPU), float32, float16, bfloat16")
-    parser.add_argument("--input-size", type=int, help="override the checkpoint's letterbox size")
+    parser.add_argument("--input-size", type=int, help="override the checkpoint's input size (letterbox side S, "
+                        "or the longer-side cap in native geometry)")
+    parser.add_argument("--geometry", choices=["letterbox", "native"],
+                        help="letterbox into S x S, or native (each image at its own size, the official protocol); "
+                             "default: the checkpoint's")
     parser.add_argument("--no-exif-orientation", dest="exif_orientation", action="store_false",
                         help="keep the stored pixel grid instead of turning photos upright by their EXIF "
                              "orientation (the default, as the service does)")
@@ -60,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_flush_denormal(True)
     try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.dtype, args.input_size)
+        predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.dtype, args.input_size,
+                                               args.geometry)
         t0 = time.perf_counter()
         prediction = predictor.predict([image], split_concepts(args.concepts), semantic=args.semantic != "none",
                                        score_threshold=args.score_threshold, mask_threshold=args.mask_threshold,

@@ -18,7 +18,8 @@ import torch
 from model.checkpoint import CheckpointMetadata, LoadedCheckpoint, load_checkpoint
 from model.config import InferenceParams
 from model.embedding_cache import TextEmbeddingCache
-from model.geometry import Letterbox, preprocess_image
+from model.geometry import Placement, check_geometry, preprocess_image
+from model.native import NativeSize, padded_fraction, preprocess_native
 from model.network import ZUTISOutput
 from model.postprocess import Prediction, postprocess
 from model.text import build_vocabulary
@@ -29,10 +30,20 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """One letterboxed image: ``tensor`` (3, S, S) float32 on the CPU, and where the image sits in it."""
+    """One image ready for the network: ``tensor`` float32 on the CPU, (3, S, S) letterboxed or (3, rh, rw) at
+    its native size, and ``placement``, where the image sits in it (``Letterbox`` or ``NativeSize``)."""
 
     tensor: torch.Tensor
-    letterbox: Letterbox
+    placement: Placement
+
+    @property
+    def letterbox(self) -> Placement:
+        """The placement (its name from before native geometry existed)."""
+        return self.placement
+
+    @property
+    def is_native(self) -> bool:
+        return isinstance(self.placement, NativeSize)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -68,24 +79,30 @@ class Predictor:
     """
 
     def __init__(self, loaded: LoadedCheckpoint, device: torch.device, dtype: torch.dtype,
-                 input_size: int | None = None) -> None:
+                 input_size: int | None = None, geometry: str | None = None) -> None:
         # The fused MultiheadAttention fast path picks batch-size-dependent kernels; without it an image's
         # outputs are bitwise independent of its batch (tests/model/test_network.py). Process-wide setting.
         torch.backends.mha.set_fastpath_enabled(False)
         self._loaded = loaded
         self.device = device
         self.dtype = dtype
+        # letterbox: the square input side S; native: the longer-side cap.
         self.input_size = int(input_size or loaded.metadata.inference_input_size)
-        if self.input_size < loaded.metadata.model_config.patch_size:
+        self.geometry = check_geometry(geometry or loaded.metadata.inference_geometry)
+        self.patch_size = loaded.metadata.model_config.patch_size
+        if self.input_size < self.patch_size:
             raise ValueError(f"input size {self.input_size} is smaller than one patch")
         self.model = loaded.model.to(device).eval()
         self.text_encoder = loaded.text_encoder.to(device).eval()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-                        input_size: int | None = None) -> "Predictor":
+                        input_size: int | None = None, geometry: str | None = None) -> "Predictor":
+        """Load ``path``; ``input_size`` and ``geometry`` (``letterbox``/``native``) default to the checkpoint's."""
         dev = resolve_device(device)
-        return cls(load_checkpoint(path, "cpu"), dev, resolve_dtype(dtype, dev), input_size)
+        if geometry is not None:
+            check_geometry(geometry)
+        return cls(load_checkpoint(path, "cpu"), dev, resolve_dtype(dtype, dev), input_size, geometry)
 
     # -- identity --------------------------------------------------------------------------------------------
     @property
@@ -114,21 +131,52 @@ class Predictor:
 
     # -- steps -----------------------------------------------------------------------------------------------
     def prepare(self, image: Any) -> PreparedImage:
-        """Letterbox one image (PIL or (H, W, 3) uint8) into a normalised (3, S, S) CPU tensor."""
+        """One image (PIL or (H, W, 3) uint8) as a normalised CPU tensor: letterboxed to (3, S, S), or in native
+        geometry (3, rh, rw), resized only if its longer side exceeds ``input_size`` (``ValueError`` when a side
+        is then shorter than one patch)."""
         cfg = self.metadata.model_config
+        if self.geometry == "native":
+            tensor, size = preprocess_native(image, self.input_size, cfg.image_mean, cfg.image_std,
+                                             min_side=self.patch_size)
+            return PreparedImage(tensor, size)
         tensor, letterbox = preprocess_image(image, self.input_size, cfg.image_mean, cfg.image_std)
         return PreparedImage(tensor, letterbox)
 
+    def sequence_length(self, prepared: PreparedImage) -> int:
+        """Encoder tokens of one prepared image (CLS included): what its forward pass costs."""
+        h, w = prepared.tensor.shape[-2:]
+        return (h // self.patch_size) * (w // self.patch_size) + 1
+
+    def padded_fraction(self, batch: Sequence[PreparedImage]) -> float:
+        """The fraction of a batch's network input that is padding, not image: in native geometry the padded
+        token slots of the ragged batch (``1 - sum(n_i) / (B * max(n_i))``), in letterbox geometry the padded
+        pixels of the ``S x S`` squares."""
+        if not batch:
+            return 0.0
+        if all(p.is_native for p in batch):
+            return padded_fraction([self.sequence_length(p) for p in batch])
+        valid = sum(p.placement.valid_hw[0] * p.placement.valid_hw[1] for p in batch)
+        return 1.0 - valid / sum(p.tensor.shape[-2] * p.tensor.shape[-1] for p in batch)
+
     def forward(self, batch: Sequence[PreparedImage]) -> ZUTISOutput:
-        """One batched forward pass; outputs are float32 on ``self.device``, image ``i`` at index ``i``."""
+        """One batched forward pass; outputs are float32 on ``self.device``, image ``i`` at index ``i``.
+
+        Native images of different sizes share the pass (``ZUTIS.forward_ragged``; ``grid_hw`` is then set);
+        a batch must not mix geometries.
+        """
         if not batch:
             raise ValueError("forward needs at least one image")
-        x = torch.stack([p.tensor for p in batch]).to(self.device, non_blocking=True)
-        valid = torch.tensor([p.letterbox.valid_hw for p in batch])
+        native = [p.is_native for p in batch]
+        if any(native) and not all(native):
+            raise ValueError("a batch cannot mix letterboxed and native-size images")
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype,
                                                     enabled=self.dtype != torch.float32):
-            out = self.model(x, valid)
-        return ZUTISOutput(out.mask_probs.float(), out.semantic_features.float())
+            if all(native):
+                out = self.model.forward_ragged([p.tensor.to(self.device, non_blocking=True) for p in batch])
+            else:
+                x = torch.stack([p.tensor for p in batch]).to(self.device, non_blocking=True)
+                out = self.model(x, torch.tensor([p.placement.valid_hw for p in batch]))
+        return ZUTISOutput(out.mask_probs.float(), out.semantic_features.float(), grid_hw=out.grid_hw)
 
     def encode_concepts(self, concepts: Sequence[str],
                         cache: TextEmbeddingCache | None = None) -> tuple[list[str], torch.Tensor]:
@@ -150,10 +198,13 @@ class Predictor:
     def postprocess(self, output: ZUTISOutput, index: int, prepared: PreparedImage, vocabulary: list[str],
                     text_embeddings: torch.Tensor, params: InferenceParams, semantic: bool = True) -> Prediction:
         """Image ``index`` of a forward pass -> ``Prediction`` at its original size."""
+        probs, features = output.mask_probs[index], output.semantic_features[index]
+        if output.grid_hw is not None:  # a ragged batch: this image's own grid
+            gh, gw = output.grid_hw[index]
+            probs, features = probs[:, :gh, :gw].contiguous(), features[:gh, :gw].contiguous()
         with torch.inference_mode():
-            return postprocess(output.mask_probs[index], output.semantic_features[index],
-                               text_embeddings.to(output.semantic_features.device), vocabulary,
-                               prepared.letterbox, params, semantic=semantic)
+            return postprocess(probs, features, text_embeddings.to(features.device), vocabulary,
+                               prepared.placement, params, semantic=semantic)
 
     # -- all in one ------------------------------------------------------------------------------------------
     def predict(self, images: Sequence[Any], concepts: Sequence[str], cache: TextEmbeddingCache | None = None,

@@ -63,10 +63,11 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[], Predict
     metrics = Metrics()
     if loader is None:
         loader = partial(Predictor.from_checkpoint, settings.checkpoint, settings.device, settings.dtype,
-                         settings.input_size)
+                         settings.input_size, settings.geometry)
     config = EngineConfig(max_batch_size=settings.max_batch_size,
                           max_batch_delay_s=settings.max_batch_delay_ms / 1000.0, queue_size=settings.queue_size,
-                          workers=settings.postprocess_workers, text_cache_size=settings.text_cache_size,
+                          workers=settings.workers(), text_cache_size=settings.text_cache_size,
+                          max_batch_padding=settings.max_batch_padding,
                           retry_after_s=settings.retry_after_s, flush_denormal=settings.flush_denormal,
                           torch_threads=settings.torch_threads)
 

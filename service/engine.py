@@ -7,6 +7,11 @@ arrived, drops those whose client gave up or whose deadline passed, and runs one
 vocabulary-free, so jobs with different concept lists share it; each job's own vocabulary head, post-processing
 and JSON encoding then run in the pool while the engine thread already runs the next forward pass.
 
+In native geometry images of different sizes share a pass padded to the longest token sequence. Waiting jobs are
+grouped by size (``choose_batch``): the oldest job goes first, with the waiting jobs closest to its size as long
+as the batch's padded fraction stays within ``max_batch_padding``; the others wait for the next pass. Letterboxed
+jobs all have one size, so their batches are plain first-come, first-served.
+
 Lifecycle: ``loading`` -> ``warming`` (a forward pass at every batch size 1..max_batch_size) -> ``ready``, each step
 logged with its duration; ``withdraw()`` makes it ``draining`` for probes (not ready) while requests are still
 admitted (the grace period of a shutdown); ``begin_drain()`` also stops admitting; ``stop()`` waits for every
@@ -57,6 +62,7 @@ class EngineConfig:
     max_batch_delay_s: float = 0.005
     queue_size: int = 64
     workers: int = 2
+    max_batch_padding: float = 0.25
     text_cache_size: int = 10_000
     retry_after_s: int = 1
     flush_denormal: bool = True
@@ -79,6 +85,7 @@ class Job:
     deadline: float
     future: Future = field(default_factory=Future)
     enqueued: float = 0.0
+    length: int = 0  # encoder tokens of the prepared image (set by the engine), for grouping by size
 
 
 @dataclass(frozen=True)
@@ -207,6 +214,8 @@ class Engine:
         Cancelling the future before the job's forward pass starts drops the job.
         """
         job.enqueued = time.perf_counter()
+        predictor = self.predictor
+        job.length = predictor.sequence_length(job.prepared) if predictor is not None else 0
         self._queue.put(job)
         return job.future
 
@@ -258,11 +267,22 @@ class Engine:
         build_response(prediction, predictor.model_id, "png").model_dump_json()
 
     def _serve(self, predictor: Predictor) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch, stop = self._collect(first)
+        pending: list[Job] = []  # taken from the queue, not yet run (oldest first); engine thread only
+        stop = False
+        while pending or not stop:
+            if not pending:
+                first = self._queue.get()
+                if first is None:
+                    return
+                pending.append(first)
+                stop = self._collect(pending, self.config.max_batch_delay_s)
+            elif not stop:  # jobs left over from the last pass have waited already: take what has arrived since
+                stop = self._collect(pending, 0.0)
+            chosen = choose_batch([job.length for job in pending], self.config.max_batch_size,
+                                  self.config.max_batch_padding)
+            batch = [pending[i] for i in chosen]
+            taken = set(chosen)
+            pending = [job for i, job in enumerate(pending) if i not in taken]
             try:
                 self._run_batch(predictor, batch)
             except BaseException:  # noqa: BLE001 - the engine thread must survive anything one batch does
@@ -270,23 +290,23 @@ class Engine:
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(ServiceError("internal_error", "inference failed"))
-            if stop:
-                return
 
-    def _collect(self, first: Job) -> tuple[list[Job], bool]:
-        """``first`` plus whatever arrives within the batching delay, up to the batch size; and whether to stop."""
-        batch = [first]
-        until = time.perf_counter() + self.config.max_batch_delay_s
-        while len(batch) < self.config.max_batch_size:
+    def _collect(self, pending: list[Job], delay_s: float) -> bool:
+        """Add to ``pending`` what arrives within ``delay_s`` until it holds a full batch, then whatever else is
+        already queued (so that it can be grouped by size); returns whether the stop sentinel was seen."""
+        until = time.perf_counter() + delay_s
+        while True:
             remaining = until - time.perf_counter()
             try:
-                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                if len(pending) < self.config.max_batch_size and remaining > 0:
+                    job = self._queue.get(timeout=remaining)
+                else:
+                    job = self._queue.get_nowait()
             except queue.Empty:
-                break
+                return False
             if job is None:
-                return batch, True
-            batch.append(job)
-        return batch, False
+                return True
+            pending.append(job)
 
     def _run_batch(self, predictor: Predictor, batch: list[Job]) -> None:
         now = time.perf_counter()
@@ -302,9 +322,11 @@ class Engine:
         if not live:
             return
         start = time.perf_counter()
-        output = predictor.forward([job.prepared for job in live])
+        prepared = [job.prepared for job in live]
+        output = predictor.forward(prepared)
         forward_s = time.perf_counter() - start
         self._metrics.batch_size.observe(len(live))
+        self._metrics.batch_padding.observe(predictor.padded_fraction(prepared))
         self._metrics.inference_duration.observe(forward_s)
         for index, job in enumerate(live):
             self._metrics.queue_wait.observe(start - job.enqueued)
@@ -326,6 +348,29 @@ class Engine:
         except BaseException as exc:  # noqa: BLE001 - delivered to the request
             log.exception("post-processing failed")
             job.future.set_exception(exc)
+
+
+def choose_batch(lengths: list[int], max_batch_size: int, max_padding: float) -> list[int]:
+    """The next batch from waiting jobs of the given sequence lengths (oldest first): indices, ascending.
+
+    The oldest job always goes (nothing waits forever); the other jobs join in order of how close their length
+    is to its length (ties: the older first) while the batch's padded fraction, ``1 - sum(n) / (B * max(n))``,
+    stays at most ``max_padding``, up to ``max_batch_size`` jobs. Equal lengths (letterbox) give plain
+    first-come, first-served batches.
+    """
+    if not lengths:
+        return []
+    first = lengths[0]
+    chosen = [0]
+    total, longest = first, first
+    for j in sorted(range(1, len(lengths)), key=lambda k: (abs(lengths[k] - first), k)):
+        if len(chosen) >= max_batch_size:
+            break
+        new_longest = max(longest, lengths[j])
+        if 1.0 - (total + lengths[j]) / ((len(chosen) + 1) * new_longest) <= max_padding + 1e-12:
+            chosen.append(j)
+            total, longest = total + lengths[j], new_longest
+    return sorted(chosen)
 
 
 def _ms(seconds: float) -> float:

@@ -16,6 +16,7 @@ from service.errors import ERROR_STATUS
 LATENCY_BUCKETS_S = (.005, .01, .025, .05, .075, .1, .25, .5, .75, 1, 2.5, 5, 7.5, 10, 15, 30, 60)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 INSTANCE_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500)
+PADDING_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 # Every error type except routing misses and bugs: refusals and abandoned requests.
 REJECTION_REASONS = tuple(code for code in ERROR_STATUS if code not in ("not_found", "method_not_allowed",
                                                                          "internal_error"))
@@ -43,6 +44,9 @@ class Metrics:
                                             "forward pass", buckets=LATENCY_BUCKETS_S, registry=r)
         self.batch_size = Histogram("zutis_batch_size", "Images per forward pass", buckets=BATCH_SIZE_BUCKETS,
                                     registry=r)
+        self.batch_padding = Histogram("zutis_batch_padding_ratio", "Fraction of a forward pass's input that is "
+                                       "padding: token slots of a ragged batch (native geometry), padded pixels "
+                                       "of the squares (letterbox)", buckets=PADDING_BUCKETS, registry=r)
         self.instances_per_image = Histogram("zutis_instances_per_image", "Instances returned per image",
                                              buckets=INSTANCE_BUCKETS, registry=r)
         self.queue_depth = Gauge("zutis_queue_depth", "Images waiting for a forward pass", registry=r)

@@ -6,6 +6,7 @@ in the service reads ``os.environ``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +29,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"] = Field(
         "auto", description="compute precision: auto is float32 on CPU and float16 autocast on CUDA")
-    input_size: int | None = Field(None, ge=8, description="letterbox size S; default: the checkpoint's")
+    input_size: int | None = Field(None, ge=8, description="letterbox size S, or the longer-side cap in native "
+                                                           "geometry; default: the checkpoint's")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (process-wide); default: "
                                                               "torch's own choice (the cores)")
     flush_denormal: bool = Field(True, description="flush denormal floats to zero in the model's threads "
@@ -40,9 +42,18 @@ class Settings(BaseSettings):
                                       description="longest wait for more images once the first has arrived")
     queue_size: int = Field(64, ge=1, description="most /segment requests held at once (decoding, waiting for the "
                                                   "model, in a forward pass or post-processing); one more gets 503")
-    postprocess_workers: int = Field(2, ge=1, le=64, description="threads for decoding, letterboxing, text "
-                                                                 "encoding and post-processing")
+    postprocess_workers: int | None = Field(None, ge=1, le=256, description="threads for decoding, resizing, "
+                                            "text encoding, post-processing and JSON; default: the CPU cores this "
+                                            "process may use")
     text_cache_size: int = Field(10_000, ge=1, description="text embeddings kept (one per concept)")
+
+    # -- geometry (native batching) ---------------------------------------------------------------------------
+    geometry: Literal["letterbox", "native"] | None = Field(
+        None, description="letterbox (every image in an S x S square) or native (each image at its own size, "
+                          "the official protocol); default: the checkpoint's (letterbox for older checkpoints)")
+    max_batch_padding: float = Field(0.25, ge=0.0, le=1.0, description="native geometry: most padding (fraction "
+                                     "of token slots) a batch of different-sized images may carry; waiting images "
+                                     "are grouped by size to stay under it (1 = no grouping)")
 
     # -- limits -----------------------------------------------------------------------------------------------
     max_body_bytes: int = Field(32 * MiB, ge=1024, description="largest request body in bytes")
@@ -98,10 +109,20 @@ class Settings(BaseSettings):
         return {
             "max_batch_size": self.max_batch_size,
             "max_batch_delay_ms": self.max_batch_delay_ms,
+            "max_batch_padding": self.max_batch_padding,
             "queue_size": self.queue_size,
-            "postprocess_workers": self.postprocess_workers,
+            "postprocess_workers": self.workers(),
             "text_cache_size": self.text_cache_size,
         }
+
+    def workers(self) -> int:
+        """Post-processing threads: the setting, else the CPU cores this process may run on."""
+        if self.postprocess_workers is not None:
+            return self.postprocess_workers
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # no sched_getaffinity (macOS)
+            return max(1, os.cpu_count() or 1)
 
 
 def describe_settings_error(error: ValidationError) -> str:

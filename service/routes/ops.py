@@ -31,7 +31,9 @@ class Info(BaseModel):
     checksum: str = Field(description="sha256 of the checkpoint file")
     checkpoint: str = Field(description="checkpoint file name")
     backbone: dict[str, Any]
-    input_size: int = Field(description="letterbox size S (pixels)")
+    input_size: int = Field(description="letterbox size S, or the longer-side cap in native geometry (pixels)")
+    geometry: str = Field(description="letterbox (every image in an S x S square) or native (each image at its "
+                                      "own size, the official protocol)")
     dtype: str
     device: str
     vocabulary: list[str] = Field(description="training vocabulary, background first")
@@ -72,8 +74,9 @@ async def info(engine: EngineDep, settings: SettingsDep, _: ApiKey) -> Info:
     meta = predictor.metadata
     return Info(version=VERSION, state=engine.state.value, model_id=predictor.model_id, checksum=predictor.sha256,
                 checkpoint=predictor.checkpoint_path.name, backbone=describe(meta.model_config),
-                input_size=predictor.input_size, dtype=str(predictor.dtype).removeprefix("torch."),
-                device=str(predictor.device), vocabulary=list(meta.vocabulary),
+                input_size=predictor.input_size, geometry=predictor.geometry,
+                dtype=str(predictor.dtype).removeprefix("torch."), device=str(predictor.device),
+                vocabulary=list(meta.vocabulary),
                 prompt_templates=meta.prompt_templates, inference_defaults=predictor.default_params.to_dict(),
                 limits=settings.limits(), batching=settings.batching(), auth=settings.api_key is not None)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, BinaryIO, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from model.config import InferenceParams
-from model.predictor import Predictor
+from model.predictor import PreparedImage, Predictor
 from model.schema import SegmentResponse, SemanticFormat
 from service.auth import ApiKey
 from service.concepts import parse_concepts
@@ -99,10 +99,19 @@ def _prepare_job(predictor: Predictor, engine: Engine, upload: BinaryIO, concept
     """Pool thread: read, decode and letterbox the image, fetch the concepts' text embeddings (cached)."""
     upload.seek(0)
     image = decode_image(upload.read(), max_pixels, exif_orientation)
-    prepared = predictor.prepare(image)
+    prepared = _prepare_image(predictor, image)
     vocabulary, text_embeddings = predictor.encode_concepts(concepts, engine.cache)
     return Job(prepared=prepared, vocabulary=vocabulary, text_embeddings=text_embeddings, params=params,
                semantic=semantic, arrived=arrived, deadline=deadline)
+
+
+def _prepare_image(predictor: Predictor, image: Any) -> PreparedImage:
+    """The network input of a decoded image; an image the geometry cannot take (in native geometry, a side
+    shorter than one patch) is a 400."""
+    try:
+        return predictor.prepare(image)
+    except ValueError as exc:
+        raise ServiceError("invalid_image", str(exc)) from None
 
 
 async def _await_answer(request: Request, engine: Engine, job: Job, timeout_s: float) -> Answer:

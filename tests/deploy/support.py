@@ -22,6 +22,7 @@ HISTOGRAMS = (
     "zutis_inference_duration_seconds",
     "zutis_batch_size",
     "zutis_instances_per_image",
+    "zutis_batch_padding_ratio",
 )
 GAUGES = ("zutis_queue_depth", "zutis_inflight_requests", "zutis_ready", "zutis_build_info")
 

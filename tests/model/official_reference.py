@@ -320,6 +320,37 @@ def official_forward(state: dict[str, torch.Tensor], vit: ViTSpec, images: torch
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Preprocessing (§3.1, §3.6)
+# --------------------------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def official_preprocess(image: np.ndarray, max_size: int | None = None) -> torch.Tensor:
+    """An (H, W, 3) uint8 RGB image -> (1, 3, h, w) network input, as the official loaders make it.
+
+    COCO / CoCA: the image as it is. ImageNet-S (``max_size`` = 1024): only when the longer side exceeds
+    ``max_size``, a PIL bilinear resize that makes the longer side ``max_size`` and the shorter one
+    ``int(float(short) / long * max_size)``. Then ``to_tensor`` (/255) and the ImageNet mean/std. The output
+    size of the predictions stays the original (H, W).
+    """
+    from PIL import Image
+
+    pil = Image.fromarray(image, mode="RGB")
+    width, height = pil.size
+    if max_size is not None and max(height, width) > max_size:
+        if width > height:
+            new_wh = (max_size, int(float(height) / width * max_size))
+        else:
+            new_wh = (int(float(width) / height * max_size), max_size)
+        pil = pil.resize(new_wh, Image.BILINEAR)
+    x = torch.from_numpy(np.array(pil, dtype=np.float32)) / 255.0
+    x = (x - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    return x.permute(2, 0, 1)[None].contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Text embeddings (§2): OpenAI CLIP text tower, raw names, no templates
 # --------------------------------------------------------------------------------------------------------------
 

@@ -411,3 +411,23 @@ def test_progress_is_written_as_lines_when_not_on_a_terminal(tmp_path, capsys):
         report(done)
     report.close()
     assert terminal.getvalue().count("\r") == 3 and terminal.getvalue().endswith("\n")
+
+
+def test_cli_passes_geometry_and_input_size_to_the_predictor(tmp_path, tiny_checkpoint, monkeypatch):
+    from model.predictor import Predictor
+
+    write_dataset(tmp_path)
+    seen = []
+    original = Predictor.from_checkpoint.__func__
+
+    def recording(cls, *args, **kwargs):
+        predictor = original(cls, *args, **kwargs)
+        seen.append((predictor.geometry, predictor.input_size))
+        return predictor
+
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(recording))
+    out = tmp_path / "report.json"
+    assert main(["--checkpoint", str(tiny_checkpoint), "--coco", str(tmp_path / "gt.json"), "--images",
+                 str(tmp_path / "images"), "--geometry", "native", "--input-size", "48", "--out", str(out)]) == 0
+    assert seen == [("native", 48)]
+    assert json.loads(out.read_text())["num_images"] == 2

@@ -69,3 +69,21 @@ def test_predict_cli_answers_phone_photos_upright(tiny_checkpoint, tmp_path, cap
     assert main(base + ["--no-exif-orientation"]) == 0
     assert SegmentResponse.model_validate_json(capsys.readouterr().out).image.model_dump() == {"width": 40,
                                                                                                "height": 24}
+
+
+def test_predict_cli_geometry_native(tiny_checkpoint, tmp_path, capsys):
+    img = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (37, 90, 3), dtype=np.uint8)).save(img)
+    assert main(["--checkpoint", str(tiny_checkpoint), "--image", str(img), "--concepts", "cat,dog",
+                 "--score-threshold", "0", "--device", "cpu", "--geometry", "native"]) == 0
+    printed = SegmentResponse.model_validate_json(capsys.readouterr().out)
+    native = Predictor.from_checkpoint(tiny_checkpoint, "cpu", geometry="native")
+    expected = build_response(native.predict([Image.open(img)], ["cat", "dog"], score_threshold=0.0)[0],
+                              printed.model)
+    assert printed.model_dump(exclude={"timings"}) == expected.model_dump(exclude={"timings"})
+    letterbox = Predictor.from_checkpoint(tiny_checkpoint, "cpu")
+    other = build_response(letterbox.predict([Image.open(img)], ["cat", "dog"], score_threshold=0.0)[0],
+                           printed.model)
+    assert printed.model_dump(exclude={"timings"}) != other.model_dump(exclude={"timings"})
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tiny_checkpoint), "--image", str(img), "--concepts", "cat", "--geometry", "x"])

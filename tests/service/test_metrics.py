@@ -14,7 +14,8 @@ CONTRACT = {
     "zutis_requests": "counter", "zutis_requests_rejected": "counter", "zutis_text_embedding_cache": "counter",
     "zutis_request_duration_seconds": "histogram", "zutis_queue_wait_seconds": "histogram",
     "zutis_inference_duration_seconds": "histogram", "zutis_batch_size": "histogram",
-    "zutis_instances_per_image": "histogram", "zutis_queue_depth": "gauge", "zutis_inflight_requests": "gauge",
+    "zutis_instances_per_image": "histogram", "zutis_batch_padding_ratio": "histogram",
+    "zutis_queue_depth": "gauge", "zutis_inflight_requests": "gauge",
     "zutis_ready": "gauge", "zutis_build_info": "gauge",
 }
 
@@ -45,6 +46,7 @@ def test_metric_names_types_and_buckets(make_client):
     for name in ("zutis_request_duration_seconds", "zutis_queue_wait_seconds", "zutis_inference_duration_seconds"):
         assert buckets(found[name]) == LATENCY_BUCKETS, name
     assert buckets(found["zutis_batch_size"]) == [1, 2, 4, 8, 16, 32, 64]
+    assert buckets(found["zutis_batch_padding_ratio"]) == [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0]
 
     requests = found["zutis_requests"]
     assert sample(requests, "_total", route="/segment", code="200") == 2
@@ -53,6 +55,10 @@ def test_metric_names_types_and_buckets(make_client):
     assert sample(found["zutis_request_duration_seconds"], "_count") == 3  # every /segment answer is timed
     assert sample(found["zutis_queue_wait_seconds"], "_count") == 2
     assert sample(found["zutis_instances_per_image"], "_count") == 2
+    # one forward pass per request; a 20 x 30 image letterboxed into 64 x 64 is 43 x 64 there: the rest pads
+    padding = found["zutis_batch_padding_ratio"]
+    assert sample(padding, "_count") == 2
+    assert abs(sample(padding, "_sum") - 2 * (1 - 43 * 64 / 64**2)) < 1e-9
     cache = found["zutis_text_embedding_cache"]  # background, cat, dog, then background and dog again + horse
     assert (sample(cache, "_total", outcome="miss"), sample(cache, "_total", outcome="hit")) == (4, 2)
     assert sample(found["zutis_ready"]) == 1 and sample(found["zutis_queue_depth"]) == 0
