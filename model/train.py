@@ -183,6 +183,9 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["model"] = self.model.to_dict()
+        for key in ("init_checkpoint", "oracle_scenes"):  # opt-in: absent while unset, so that configs and training
+            if out[key] is None:                          # states written before these fields existed still match
+                del out[key]
         return json.loads(json.dumps(out))
 
 

@@ -236,3 +236,13 @@ def test_first_images_restricts_ground_truth_to_the_evaluated_scenes():
     first = _first_images(coco, 1)
     assert first["images"] == [{"id": 7}] and [a["id"] for a in first["annotations"]] == [2]
     assert [a["id"] for a in _first_images(coco, 2)["annotations"]] == [1, 2, 3]
+
+
+def test_unset_opt_in_sections_stay_out_of_the_saved_config():
+    # training states and checkpoints written before init_checkpoint / oracle_scenes existed must still --resume
+    from model.train import TrainConfig
+
+    path = Path(__file__).parents[2] / "model" / "configs" / "coco_vit_b_16.json"
+    d = TrainConfig.from_dict(json.loads(path.read_text())).to_dict()
+    assert "init_checkpoint" not in d and "oracle_scenes" not in d
+    assert TrainConfig.from_dict(d).to_dict() == d
