@@ -12,6 +12,7 @@ schemes (and checks again, which costs nothing); ``ApiKeyGate`` guards exactly t
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Annotated, Any, Callable
 
@@ -26,6 +27,8 @@ from service.errors import ServiceError, error_response
 _bearer = HTTPBearer(auto_error=False, description="the API key as a bearer token")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key")
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
+DISCARD_BYTES = 1 << 20  # a refused request's declared body up to this size is read and dropped, unparsed ...
+DISCARD_S = 2.0  # ... within this time, so that its client can read the 401 instead of a reset connection
 
 
 def check_api_key(authorization: str | None, x_api_key: str | None, expected: SecretStr | None) -> None:
@@ -72,7 +75,10 @@ def guarded_paths(openapi: dict[str, Any]) -> frozenset[str]:
 
 class ApiKeyGate:
     """Refuse a request to a guarded path with 401 before its body is read; ``on_reject("unauthorized")`` counts
-    it. A refused request that declared a body gets ``Connection: close``: its body is never read."""
+    it. The key is judged on the headers alone. A refused request whose ``Content-Length`` declares at most
+    ``DISCARD_BYTES`` then has its body read and dropped, unparsed, for at most ``DISCARD_S`` (a client that is
+    still sending when the server closes sees a reset connection, not the 401); any other refused request with a
+    body gets ``Connection: close`` and its body is never read."""
 
     def __init__(self, app: ASGIApp, api_key: SecretStr | None, paths: frozenset[str],
                  on_reject: Callable[[str], None]) -> None:
@@ -91,8 +97,34 @@ class ApiKeyGate:
         except ServiceError as error:
             self.on_reject(error.type)
             extra = dict(error.headers)
-            if "content-length" in headers or "transfer-encoding" in headers:
+            if ("content-length" in headers or "transfer-encoding" in headers) and not await _discard_small_body(
+                    headers, receive):
                 extra["Connection"] = "close"
             await error_response(error.type, error.message, extra)(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+async def _discard_small_body(headers: Headers, receive: Receive) -> bool:
+    """Read and drop a body whose ``Content-Length`` is at most ``DISCARD_BYTES`` (never a chunked one), within
+    ``DISCARD_S``; True when the whole body was consumed, so that the connection can stay open."""
+    length = headers.get("content-length", "")
+    if "transfer-encoding" in headers or not length.isdigit() or int(length) > DISCARD_BYTES:
+        return False
+
+    async def drain() -> bool:
+        seen = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return False
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return True
+            if seen > DISCARD_BYTES:
+                return False
+
+    try:
+        return await asyncio.wait_for(drain(), DISCARD_S)
+    except asyncio.TimeoutError:
+        return False
