@@ -11,31 +11,14 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 import uvicorn
 
 from service.app import create_app
 from service.settings import Settings
 from tests.live_service import running_service
-from tests.service.conftest import InstrumentedPredictor, service_checkpoint  # noqa: F401 (a fixture)
+from tests.service.conftest import (InstrumentedPredictor, _no_zutis_environment, _one_torch_thread,  # noqa: F401
+                                    service_checkpoint)  # fixtures (the first two autouse), shared with tests/service
 from tests.support import free_port, wait_for
-
-
-@pytest.fixture(autouse=True)
-def _no_zutis_environment(monkeypatch):
-    """Settings and the command line read ZUTIS_* from the environment: the tests must not see the caller's."""
-    import os
-
-    for key in [k for k in os.environ if k.startswith("ZUTIS_")]:
-        monkeypatch.delenv(key)
-
-
-@pytest.fixture(autouse=True, scope="package")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="package")
