@@ -16,6 +16,10 @@ Choices worth knowing (shared/docs/shapes-notes.md has the prototype these follo
   other grids stays meaningful; ``"random"`` keeps open_clip's random init.
 - Captions are listed objects under a few templates, bare names included ("red circle": ZUTIS embeds raw
   category names) and ``"background"`` for clutter-only images (ZUTIS's category 0).
+- The dense patch-to-concept term (``dense_weight`` > 0, ``dense_concept_loss``; the shipped recipe uses it) asks
+  that some projected patch token match each concept the caption names, with captions only, never masks: the
+  contrastive loss alone teaches shape to the pooled embedding but hardly to the patch tokens that ZUTIS reads
+  (docs/benchmarks.md, rung R1).
 - Several images in a batch often show the same concepts. The loss treats every image/caption pair with the
   same content as a positive (uniform soft targets over them) instead of pushing identical captions apart.
 - Determinism: step ``s`` renders from ``numpy.random.default_rng([seed, 0, s])``, the weights are initialised
