@@ -15,9 +15,9 @@ from fastapi.openapi.utils import get_openapi
 
 from model.checkpoint import read_metadata
 from model.predictor import Predictor
-from service.engine import Engine, EngineConfig
 from service.auth import ApiKeyGate, guarded_paths
 from service.docs import install_docs
+from service.engine import Engine, EngineConfig
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestMetrics, RequireMultipart, upload_paths
