@@ -191,6 +191,16 @@ class ViTSpec:
     patch: int
 
 
+# The tiny layouts the tests build from (sizes of model.config.tiny_test_config()): ViT width 48, 2 layers, 3 heads,
+# patch 8, 8x8 grid, E = 32; 10 queries, 2 decoder layers with 2 heads, FFN 64, head MLP hidden 32; text width 32,
+# 1 layer, context 16.
+TINY = dict(width=48, layers=2, heads=3, patch=8, grid=8, embed_dim=32, num_queries=10, dec_layers=2, dec_heads=2,
+            dec_ffn=64, ffn_hidden=32)
+TINY_VIT = ViTSpec(width=48, layers=2, heads=3, patch=8)
+TINY_CLIP = dict(embed_dim=32, vision_width=48, vision_layers=2, patch=8, grid=8, text_width=32, text_layers=1,
+                 context_length=16)
+
+
 def _layer_norm(x: torch.Tensor, state: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), state[prefix + ".weight"], state[prefix + ".bias"], eps=1e-5)
 

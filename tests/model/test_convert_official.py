@@ -29,7 +29,9 @@ from model.data import load_vocabulary
 from model.network import ZUTIS
 from model.predictor import Predictor
 from tests.model.official_reference import (
-    ViTSpec,
+    TINY,
+    TINY_CLIP,
+    TINY_VIT,
     encode_text,
     official_forward,
     predict,
@@ -37,13 +39,6 @@ from tests.model.official_reference import (
     random_openai_clip_state_dict,
 )
 
-# Sizes of tiny_test_config(): ViT width 48, 2 layers, 3 heads, patch 8, 64 px (8x8 grid), E = 32; 10 queries,
-# 2 decoder layers with 2 heads, FFN 64, head MLP hidden 32; text width 32, 1 layer, 2 heads, context 16.
-TINY = dict(width=48, layers=2, heads=3, patch=8, grid=8, embed_dim=32, num_queries=10, dec_layers=2, dec_heads=2,
-            dec_ffn=64, ffn_hidden=32)
-TINY_VIT = ViTSpec(width=48, layers=2, heads=3, patch=8)
-TINY_CLIP = dict(embed_dim=32, vision_width=48, vision_layers=2, patch=8, grid=8, text_width=32, text_layers=1,
-                 context_length=16)
 SIZE = 64  # native resolution = the tiny config's input size: the letterbox is the identity
 
 

@@ -24,7 +24,9 @@ from model.rle import decode_rle
 from model.schema import build_response
 from tests.model.conftest import make_tiny_checkpoint
 from tests.model.official_reference import (
-    ViTSpec,
+    TINY,
+    TINY_CLIP,
+    TINY_VIT,
     encode_text,
     official_forward,
     official_preprocess,
@@ -33,11 +35,6 @@ from tests.model.official_reference import (
     random_openai_clip_state_dict,
 )
 
-TINY = dict(width=48, layers=2, heads=3, patch=8, grid=8, embed_dim=32, num_queries=10, dec_layers=2, dec_heads=2,
-            dec_ffn=64, ffn_hidden=32)
-TINY_VIT = ViTSpec(width=48, layers=2, heads=3, patch=8)
-TINY_CLIP = dict(embed_dim=32, vision_width=48, vision_layers=2, patch=8, grid=8, text_width=32, text_layers=1,
-                 context_length=16)
 CAP = 640
 SMALL_SIZES = [(120, 160), (160, 213), (111, 167), (167, 111)]  # 240x320, 480x640, 333x500, 500x333 scaled
 LISTED_SIZES = [(240, 320), (480, 640), (333, 500), (500, 333)]

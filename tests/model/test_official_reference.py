@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.model.official_reference import (
-    ViTSpec,
+    TINY,
+    TINY_VIT,
     count_parameters,
     decode,
     encode_image,
@@ -29,9 +30,6 @@ from tests.model.official_reference import (
     sine_positional_encoding,
 )
 
-TINY = dict(width=48, layers=2, heads=3, patch=8, grid=8, embed_dim=32, num_queries=10, dec_layers=2, dec_heads=2,
-            dec_ffn=64, ffn_hidden=32)
-TINY_VIT = ViTSpec(width=48, layers=2, heads=3, patch=8)
 
 
 @pytest.fixture(scope="module")
