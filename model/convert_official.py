@@ -112,7 +112,7 @@ def convert_official(zutis_path: str | Path, clip_path: str | Path, vocabulary: 
     """
     from model.checkpoint import CheckpointMetadata, file_sha256, save_checkpoint
     from model.clip_weights import load_clip
-    from model.data import load_vocabulary
+    from model.vocabularies import load_vocabulary
     from model.network import ZUTIS
 
     zutis_path, clip_path, out_path = Path(zutis_path), Path(clip_path), Path(out_path)

@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from model.config import InferenceParams, ModelConfig
-from model.copy_paste import CopyPasteDataset, StepBatchSampler, SynthesisParams, collate_samples
-from model.criterion import compute_losses
-from model.stages import DataConfig, World, WorldConfig, prepare_training_data, prepare_world
-from model.training_state import load_training_state, save_training_state
+from model.training.copy_paste import CopyPasteDataset, StepBatchSampler, SynthesisParams, collate_samples
+from model.training.criterion import compute_losses
+from model.training.stages import DataConfig, World, WorldConfig, prepare_training_data, prepare_world
+from model.training.state import load_training_state, save_training_state
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config: JSON -> dataclasses (unknown keys are errors, so a typo never silently falls back to a default)
@@ -100,7 +100,7 @@ class OracleScenesConfig:
     labels: str = "colour"
 
     def __post_init__(self) -> None:
-        from model.shapes.oracle import LABELLINGS
+        from model.training.shapes.oracle import LABELLINGS
 
         if self.labels not in LABELLINGS:
             raise ValueError(f"oracle_scenes.labels must be one of {list(LABELLINGS)}, got {self.labels!r}")
@@ -141,7 +141,7 @@ class TrainConfig:
             raise ValueError("config needs 'clip_weights' (or a 'world' section that pre-trains one)")
         oracle = _section(OracleScenesConfig, d["oracle_scenes"], "oracle_scenes") if d.get("oracle_scenes") else None
         if oracle is not None:
-            from model.shapes.oracle import labelling_vocabulary
+            from model.training.shapes.oracle import labelling_vocabulary
 
             if world is None:
                 raise ValueError("oracle_scenes needs a 'world' section (its validation and test scenes)")
@@ -154,7 +154,7 @@ class TrainConfig:
         if vocab is None:
             raise ValueError("config needs 'vocabulary' (or a 'world' section whose split provides it)")
         if isinstance(vocab, str):
-            from model.data import load_vocabulary
+            from model.vocabularies import load_vocabulary
 
             vocab = load_vocabulary(vocab)
         vocab = [v for v in vocab if v != "background"]
@@ -193,7 +193,7 @@ _EXPORT_DTYPES = {"float32": None, "float16": torch.float16}
 
 
 def _world_concepts(split: str) -> list[str]:
-    from model.shapes.world import ShapesWorld
+    from model.training.shapes.world import ShapesWorld
 
     world = ShapesWorld()
     return [world.concept_name(i) for i in world.split_ids(split)]
@@ -203,7 +203,7 @@ def with_world(cfg: TrainConfig, world: World) -> TrainConfig:
     """``cfg`` with the paths the world's stages built: CLIP, index (and its truth for ``masks: "truth"``), the
     test scenes as ``eval`` (with seen/unseen subsets) and the validation scenes as ``val``; of the config's own
     ``eval`` / ``val`` sections only ``max_images``, ``score_threshold`` and ``class_agnostic`` are kept."""
-    from model.shapes.world import ShapesWorld
+    from model.training.shapes.world import ShapesWorld
 
     shapes = ShapesWorld()
     data = dataclasses.replace(
@@ -227,8 +227,8 @@ def with_world(cfg: TrainConfig, world: World) -> TrainConfig:
 def with_oracle_scenes(cfg: TrainConfig, cache_dir: Path, log) -> TrainConfig:
     """``cfg`` (already ``with_world``) training on rendered scenes with true masks and labels (``oracle_scenes``):
     a cached stage renders and labels them; eval / val become the relabelled test / validation scenes."""
-    from model.shapes import oracle as scene_oracle
-    from model.stages import run_stage
+    from model.training.shapes import oracle as scene_oracle
+    from model.training.stages import run_stage
 
     o, w = cfg.oracle_scenes, cfg.world
     train_dir = run_stage(cache_dir, "shapes_oracle_scenes",
@@ -275,7 +275,7 @@ def load_config(path: str | Path, steps: int | None = None) -> TrainConfig:
 
 def validate_inputs(cfg: TrainConfig) -> None:
     """Check every file and folder the run will read, and the settings that could only fail later."""
-    from model.stages import validate_data_inputs
+    from model.training.stages import validate_data_inputs
 
     if cfg.init_checkpoint and not Path(cfg.init_checkpoint).is_file():
         raise FileNotFoundError(f"init_checkpoint: file not found: {cfg.init_checkpoint}")
@@ -453,8 +453,8 @@ def export(path: Path, model: torch.nn.Module, text_tower: torch.nn.Module, cfg:
     """Write the service checkpoint; with a ``val`` set, choose its score threshold there (``model.threshold``);
     with an ``eval`` set, evaluate it and store the metrics (and timings) in its provenance."""
     from model.checkpoint import CheckpointMetadata, save_checkpoint
-    from model.evaluate import evaluate_checkpoint, load_coco_dataset, load_label_folder_dataset
-    from model.threshold import choose_score_threshold, match_detections, operating_points
+    from model.training.evaluate import evaluate_checkpoint, load_coco_dataset, load_label_folder_dataset
+    from model.training.operating_point import choose_score_threshold, match_detections, operating_points
 
     metadata = CheckpointMetadata(model_id=path.stem if cfg.export_path else (path.parent.name or "zutis"),
                                   model_config=cfg.model,
@@ -498,7 +498,7 @@ def export(path: Path, model: torch.nn.Module, text_tower: torch.nn.Module, cfg:
         for subset in report.get("subsets", {}).values():
             subset.pop("concepts", None)
         if e.class_agnostic and dataset.coco is not None:
-            from model.evaluate import evaluate_instances
+            from model.training.evaluate import evaluate_instances
 
             report["class_agnostic"] = evaluate_instances(
                 dataset.coco, evaluation.results, class_agnostic=True,

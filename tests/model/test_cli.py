@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from model.cli import run_main
+from model.training.command import run_main
 
 ROOT = Path(__file__).parents[2]
 

@@ -25,7 +25,7 @@ from model.convert_official import (
     main,
     official_model_config,
 )
-from model.data import load_vocabulary
+from model.vocabularies import load_vocabulary
 from model.network import ZUTIS
 from model.predictor import Predictor
 from tests.model.official_reference import (

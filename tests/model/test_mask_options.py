@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig, tiny_test_config
-from model.criterion import mask_loss
+from model.training.criterion import mask_loss
 from model.network import ZUTIS
 
 

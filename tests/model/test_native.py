@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from model.checkpoint import read_metadata
 from model.config import tiny_test_config
 from model.convert_official import convert_official
-from model.data import load_vocabulary
+from model.vocabularies import load_vocabulary
 from model.native import NativeSize, native_size_for, padded_fraction, preprocess_native
 from model.network import ZUTIS
 from model.predictor import Predictor

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from model.criterion import ce_loss, compute_losses, mask_loss, semantic_logits
+from model.training.criterion import ce_loss, compute_losses, mask_loss, semantic_logits
 
 # one image, one 2x2 instance; query 0 fits it well, query 1 is a flat 0.5 (hand-computed costs below)
 P0 = [[0.9, 0.1], [0.2, 0.7]]

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from model.backbone import build_tokenizer
 from model.clip_weights import save_clip
-from model.index import build_index, load_index
-from model.prompts import PROMPT_TEMPLATES, fill_templates
-from model.retrieve import encode_concepts, load_retrieval, main, retrieve, select_concepts, top_n
-from tests.model.test_index import tiny_clip, write_images
+from model.training.index import build_index, load_index
+from model.training.prompts import PROMPT_TEMPLATES, fill_templates
+from model.training.retrieve import encode_concepts, load_retrieval, main, retrieve, select_concepts, top_n
+from tests.model.training.test_index import tiny_clip, write_images
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.shapes.dataset import write_eval_scenes, write_index
-from model.shapes.world import (COLOUR_JITTER, COLOURS, PIXEL_NOISE, SHAPES, ShapesWorld, caption,
+from model.training.shapes.dataset import write_eval_scenes, write_index
+from model.training.shapes.world import (COLOUR_JITTER, COLOURS, PIXEL_NOISE, SHAPES, ShapesWorld, caption,
                                 render_caption_batch, render_scene, sample_caption, visible_masks)
 
 WORLD = ShapesWorld()

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from model.evaluate import (ConfusionMatrix, ProgressReporter, evaluate_instances, evaluate_predictor,
+from model.training.evaluate import (ConfusionMatrix, ProgressReporter, evaluate_instances, evaluate_predictor,
                             evaluate_semantic, load_coco_dataset, load_label_folder_dataset, load_label_map, main,
                             read_image)
 

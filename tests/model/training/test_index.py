@@ -14,7 +14,7 @@ from PIL import Image
 from model.backbone import build_text_tower, build_vision_tower
 from model.clip_weights import ClipTowers, save_clip
 from model.config import tiny_test_config
-from model.index import (ImagePreprocess, build_index, list_images, load_index, main, read_manifest,
+from model.training.index import (ImagePreprocess, build_index, list_images, load_index, main, read_manifest,
                          tower_checksum)
 
 

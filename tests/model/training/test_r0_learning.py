@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from model.config import tiny_test_config
-from model.criterion import compute_losses
+from model.training.criterion import compute_losses
 from model.network import ZUTIS
-from model.shapes.world import ShapesWorld, render_scene
+from model.training.shapes.world import ShapesWorld, render_scene
 from model.train import OptimConfig, build_optimizer, set_lr, total_loss
 
 SIZE = 64

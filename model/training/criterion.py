@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.matcher import match_layers, resize_mask_probs
+from model.training.hungarian import match_layers, resize_mask_probs
 
 
 def pair_mask_loss(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from model.config import tiny_test_config
-from model.shapes.clip_pretrain import build_clip
-from model.shapes.world import ShapesWorld
+from model.training.shapes.clip_pretrain import build_clip
+from model.training.shapes.world import ShapesWorld
 from model.backbone import encode_patch_tokens
-from model.shapes.zero_shot import (accuracy_by_split, encode_image_and_tokens, encode_image_interpolated,
+from model.training.shapes.zero_shot import (accuracy_by_split, encode_image_and_tokens, encode_image_interpolated,
                                     images_to_tensor, render_eval_set)
 
 WORLD = ShapesWorld()

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from model.shapes.world import COLOURS, SHAPES, Scene, ShapesWorld, render_scene
+from model.training.shapes.world import COLOURS, SHAPES, Scene, ShapesWorld, render_scene
 
 INDEX_STREAM = 1
 EVAL_STREAM = 2

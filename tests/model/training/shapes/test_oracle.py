@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.shapes.oracle import (labelling_vocabulary, relabel_coco, retrieval_lists, write_relabelled_scenes,
+from model.training.shapes.oracle import (labelling_vocabulary, relabel_coco, retrieval_lists, write_relabelled_scenes,
                                  write_training_scenes)
-from model.shapes.world import COLOURS, ShapesWorld
+from model.training.shapes.world import COLOURS, ShapesWorld
 
-LADDER = Path(__file__).resolve().parents[3] / "model" / "configs" / "ladder"
+LADDER = Path(__file__).resolve().parents[4] / "model" / "configs" / "ladder"
 
 
 def test_colour_labelling_maps_every_concept_to_its_colour():

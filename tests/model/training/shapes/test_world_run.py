@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from model.config import tiny_test_config
-from model.shapes.clip_pretrain import ClipRecipe
-from model.shapes.world import ShapesWorld
-from model.stages import WorldConfig, prepare_world
+from model.training.shapes.clip_pretrain import ClipRecipe
+from model.training.shapes.world import ShapesWorld
+from model.training.stages import WorldConfig, prepare_world
 from model.train import TrainConfig, main, with_world
 
 WORLD = ShapesWorld()
 MODEL = tiny_test_config(conv_stem=(8, 16))
-SHIPPED = Path(__file__).resolve().parents[3] / "model" / "configs"
+SHIPPED = Path(__file__).resolve().parents[4] / "model" / "configs"
 
 
 @pytest.fixture(autouse=True)
@@ -81,8 +81,8 @@ def test_world_stages_are_built_once_and_keyed_by_their_inputs(built):
 def test_index_uses_the_normalisation_its_clip_was_trained_with(tmp_path):
     from model.backbone import build_text_tower, build_vision_tower
     from model.clip_weights import ClipTowers, save_clip
-    from model.index import CLIP_MEAN, CLIP_STD
-    from model.stages import clip_normalisation
+    from model.training.index import CLIP_MEAN, CLIP_STD
+    from model.training.stages import clip_normalisation
 
     config = tiny_test_config(image_mean=(0.1, 0.2, 0.3), image_std=(0.5, 0.6, 0.7))
     save_clip(tmp_path / "ours.safetensors", ClipTowers(config, build_vision_tower(config), build_text_tower(config)))

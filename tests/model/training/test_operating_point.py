@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from model.threshold import choose_score_threshold, match_detections, operating_points
+from model.training.operating_point import choose_score_threshold, match_detections, operating_points
 
 
 def _rle(rows: slice, cols: slice, size: int = 10) -> dict:

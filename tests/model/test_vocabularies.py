@@ -2,7 +2,7 @@
 
 import pytest
 
-from model.data import COCO_CONTIGUOUS_TO_OFFICIAL_ID, VOCABULARIES, load_vocabulary
+from model.vocabularies import COCO_CONTIGUOUS_TO_OFFICIAL_ID, VOCABULARIES, load_vocabulary
 
 
 @pytest.mark.parametrize("name,count", [("coco", 81), ("coca", 81), ("imagenet_s919", 920)])

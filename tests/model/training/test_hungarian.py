@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.matcher import hungarian, mask_cost, match_layers, resize_mask_probs
+from model.training.hungarian import hungarian, mask_cost, match_layers, resize_mask_probs
 
 
 def _reference_cost(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from model.training_state import capture_rng_state, load_training_state, restore_rng_state, save_training_state
+from model.training.state import capture_rng_state, load_training_state, restore_rng_state, save_training_state
 
 
 def _draws() -> tuple:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from model.config import ModelConfig
-from model.index import CLIP_MEAN, CLIP_STD
+from model.training.index import CLIP_MEAN, CLIP_STD
 
 DONE = "DONE"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
@@ -135,7 +135,7 @@ class World:
 def prepare_world(world: WorldConfig, cache_dir: str | Path, log: Callable[[str], None] = print) -> World:
     """Run (or reuse) the world's four stages; each is keyed by its own parameters only (the renderer is code:
     a change to it needs a new cache directory). The CLIP stage is keyed by the recipe file's content."""
-    from model.shapes import dataset
+    from model.training.shapes import dataset
 
     cache_dir = Path(cache_dir)
     size = world.scene_size
@@ -152,7 +152,7 @@ def prepare_world(world: WorldConfig, cache_dir: str | Path, log: Callable[[str]
                    "steps": world.clip_steps, "seed": world.clip_seed}
 
     def build_clip(out: Path) -> None:
-        from model.shapes.clip_pretrain import pretrain_clip
+        from model.training.shapes.clip_pretrain import pretrain_clip
 
         pretrain_clip(world.clip_recipe, out / "clip.safetensors", minutes=world.clip_minutes,
                       steps=world.clip_steps, seed=world.clip_seed, log=log)
@@ -188,7 +188,7 @@ def validate_data_inputs(data: DataConfig, clip_weights: str) -> None:
     elif data.pseudo_mask_dir:
         dirs.append(("data.pseudo_mask_dir", data.pseudo_mask_dir))
     else:
-        from model.pseudo_mask import EXTRACTOR_NAMES
+        from model.training.pseudo_mask import EXTRACTOR_NAMES
 
         names = data.pseudo_masks.get("extractors", ["colour"])
         bad = [n for n in names if n not in EXTRACTOR_NAMES]
@@ -217,7 +217,7 @@ def prepare_training_data(data: DataConfig, vocabulary: Sequence[str], clip_weig
     ``vocabulary``: training concepts without "background". ``is_main`` False (torchrun ranks > 0) waits for
     rank 0's stages instead of building them.
     """
-    from model import copy_paste
+    from model.training import copy_paste
 
     cache_dir = Path(cache_dir)
     provenance: dict[str, Any] = {}
@@ -238,7 +238,7 @@ def prepare_training_data(data: DataConfig, vocabulary: Sequence[str], clip_weig
         provenance["masks"] = {"ground_truth": dict(data.ground_truth),
                                "sha256": file_digest(data.ground_truth["annotations"])}
     else:
-        from model.pseudo_mask import load_pseudo_masks
+        from model.training.pseudo_mask import load_pseudo_masks
 
         mask_dir = Path(data.pseudo_mask_dir) if data.pseudo_mask_dir else \
             _pseudo_mask_stage(data, retrieval, clip_weights, model_config, cache_dir, device, is_main, log)
@@ -272,13 +272,13 @@ def _retrieval_stages(data: DataConfig, vocabulary: Sequence[str], clip_weights:
         return _load_clip(weights, arch, device)
 
     def build_index(out: Path) -> None:
-        from model.index import build_index as build
+        from model.training.index import build_index as build
 
         build(list(data.index_dirs), clip(), out, model_id=Path(weights).name, mean=mean, std=std)
 
     def build_retrieval(out: Path) -> None:
-        from model.prompts import PROMPT_TEMPLATES
-        from model.retrieve import retrieve
+        from model.training.prompts import PROMPT_TEMPLATES
+        from model.training.retrieve import retrieve
 
         templates = list(PROMPT_TEMPLATES) if data.retrieval_templates else ["{}"]
         result = retrieve(index_dir, list(vocabulary), clip(), n=data.retrieval_n, templates=templates)
@@ -301,7 +301,7 @@ def _pseudo_mask_stage(data: DataConfig, retrieval: dict[str, list[str]], clip_w
               **({"clip_weights": file_digest(clip_file), "clip_model": clip_arch} if "clip" in names else {})}
 
     def build(out: Path) -> None:
-        from model.pseudo_mask import build_extractors, generate_pseudo_masks
+        from model.training.pseudo_mask import build_extractors, generate_pseudo_masks
 
         visual = _load_clip(clip_file, clip_arch, device).visual if "clip" in names else None
         extractors = build_extractors(names, clip_visual=visual, device=device, **weights)

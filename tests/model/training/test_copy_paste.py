@@ -9,7 +9,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from model.copy_paste import (AugmentedSource, CopyPasteDataset, Instance, StepBatchSampler, SynthesisParams,
+from model.training.copy_paste import (AugmentedSource, CopyPasteDataset, Instance, StepBatchSampler, SynthesisParams,
                               annotations_from_coco, augment_geometry, collate_samples, compose)
 
 

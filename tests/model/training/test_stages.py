@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from model.config import tiny_test_config
-from model.stages import (DataConfig, file_digest, folder_fingerprint, prepare_training_data, run_stage, stage_dir,
+from model.training.stages import (DataConfig, file_digest, folder_fingerprint, prepare_training_data, run_stage, stage_dir,
                           validate_data_inputs)
 
 

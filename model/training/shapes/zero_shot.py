@@ -18,7 +18,7 @@ from torch import nn
 from model.backbone import interpolate_pos_embed
 from model.clip_weights import ClipTowers
 from model.config import ModelConfig
-from model.shapes.world import SHAPES, ShapesWorld, caption, prompt, render_scene
+from model.training.shapes.world import SHAPES, ShapesWorld, caption, prompt, render_scene
 
 EVAL_STREAM, FINAL_EVAL_STREAM = 3, 4
 
