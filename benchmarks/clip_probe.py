@@ -109,7 +109,7 @@ def token_probes(visual: Any, scenes: Path, max_images: int | None, image_size: 
     import torch.nn.functional as F
 
     from model.backbone import encode_patch_tokens
-    from model.shapes.world import ShapesWorld
+    from model.training.shapes.world import ShapesWorld
 
     world = ShapesWorld()
     pixels, masks, concepts = load_scenes(scenes, max_images)
@@ -164,9 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {"scenes": str(args.scenes), "input_size": args.input_size}
     if args.clip:
         from model.clip_weights import load_clip
-        from model.shapes.clip_pretrain import CachedTokenizer
-        from model.shapes.world import ShapesWorld
-        from model.shapes.zero_shot import render_eval_set, text_separation, zero_shot_accuracy
+        from model.training.shapes.clip_pretrain import CachedTokenizer
+        from model.training.shapes.world import ShapesWorld
+        from model.training.shapes.zero_shot import render_eval_set, text_separation, zero_shot_accuracy
 
         towers = load_clip(args.clip)
         visual, config = towers.visual, towers.config

@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
 
 
 def evaluate(checkpoint: Path, scenes: Path, max_images: int | None) -> dict[str, Any]:
-    from model.evaluate import evaluate_checkpoint, evaluate_instances, load_coco_dataset
+    from model.training.evaluate import evaluate_checkpoint, evaluate_instances, load_coco_dataset
 
     dataset = load_coco_dataset(scenes / "instances.json", scenes / "images", scenes / "labels")
     start = time.monotonic()

@@ -43,7 +43,7 @@ def split_metrics(report: dict[str, Any]) -> dict[str, dict[str, float | None]]:
 
 def evaluate_scenes(checkpoint: Path, scenes: Path, subsets: dict[str, list[str]], max_images: int | None,
                     **overrides: Any) -> dict[str, Any]:
-    from model.evaluate import evaluate_checkpoint, load_coco_dataset
+    from model.training.evaluate import evaluate_checkpoint, load_coco_dataset
 
     dataset = load_coco_dataset(scenes / "instances.json", scenes / "images", scenes / "labels")
     evaluation = evaluate_checkpoint(checkpoint, dataset, subsets=subsets, max_images=max_images,
@@ -76,7 +76,7 @@ def training_data_quality(retrieval_json: Path, pseudo_mask_dir: Path | None, tr
                            "retrieval_single_object_precision": single_hits / max(1, total)}
     if pseudo_mask_dir is None:
         return out
-    from model.pseudo_mask import load_pseudo_masks
+    from model.training.pseudo_mask import load_pseudo_masks
 
     masks = load_pseudo_masks(pseudo_mask_dir)
     union_ious: dict[str, list[float]] = {"single": [], "multi": [], "empty": []}
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_flush_denormal(True)
     from model.checkpoint import read_metadata
-    from model.shapes.world import ShapesWorld
+    from model.training.shapes.world import ShapesWorld
 
     meta = read_metadata(args.checkpoint)
     prov = meta.provenance
