@@ -161,6 +161,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 (hex) of a file's content: checkpoint ids, and the stage cache's record of its input files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

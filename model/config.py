@@ -10,12 +10,23 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's input normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MASK_POSITIONS = (None, "sine")
 _OPT_IN_DEFAULTS = {"mask_position": None, "mask_stop_gradient": True}
+
+
+def reject_unknown_keys(d: Mapping[str, Any], cls: type, what: str) -> None:
+    """The rule every JSON config section of the project follows: a key that is not a field of the dataclass
+    ``cls`` is an error (``ValueError: unknown <what>: [...]``), so that a typo never falls back to a default."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what}: {sorted(unknown)}")
 
 
 @dataclass(frozen=True)
@@ -114,10 +125,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s): {sorted(unknown)}")
+        reject_unknown_keys(d, cls, "ModelConfig field(s)")
         return cls(**d)
 
     @classmethod
@@ -152,10 +160,7 @@ class InferenceParams:
 
     def with_overrides(self, **overrides: Any) -> "InferenceParams":
         """A copy with the given non-None fields replaced; unknown names raise ``ValueError``."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ValueError(f"unknown inference parameter(s): {sorted(unknown)}")
+        reject_unknown_keys(overrides, type(self), "inference parameter(s)")
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,4 +185,4 @@ def tiny_test_config(**overrides: Any) -> ModelConfig:
     return ModelConfig(**base)
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelConfig", "InferenceParams", "tiny_test_config"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD", "reject_unknown_keys", "ModelConfig", "InferenceParams", "tiny_test_config"]

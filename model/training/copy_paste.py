@@ -19,7 +19,6 @@ Conscious changes from the release (reference §7.2):
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -27,7 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from model.config import IMAGENET_MEAN, IMAGENET_STD
+from model.config import IMAGENET_MEAN, IMAGENET_STD, reject_unknown_keys
 from model.rle import decode_rle
 
 _PAD = -1  # instance-map value of padding pixels (becomes ignore_index in the semantic target)
@@ -77,10 +76,7 @@ class SynthesisParams:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SynthesisParams":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown synthesis parameter(s): {sorted(unknown)}")
+        reject_unknown_keys(d, cls, "synthesis parameter(s)")
         return cls(**d)
 
 

@@ -32,10 +32,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from model.training.files import IMAGE_SUFFIXES, is_image_file
+
 logger = logging.getLogger(__name__)
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def _percent(value: float) -> float | None:
@@ -395,7 +396,7 @@ def load_label_folder_dataset(image_dir: str | Path, label_dir: str | Path,
             raise FileNotFoundError(f"folder not found: {d}")
     if not class_names:
         raise ValueError("a label-folder dataset needs its class names (class 1 onwards)")
-    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in image_dir.iterdir() if is_image_file(p))
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}")
     samples = tuple(EvalSample(p.stem, p, [], _find_label(label_dir, [p.stem])) for p in images)

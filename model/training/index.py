@@ -31,12 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from model.clip_weights import ClipTowers
+from model.config import CLIP_MEAN, CLIP_STD
+from model.training.files import IMAGE_SUFFIXES, is_image_file, write_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 INDEX_FORMAT = "zutis-index/1"
 MANIFEST = "manifest.json"
 
@@ -46,7 +45,7 @@ def list_images(image_dirs: Sequence[str | Path]) -> list[str]:
     """Absolute paths of every image under ``image_dirs`` (recursive), in a deterministic order.
 
     Folders are taken in the given order; inside each, directories and files are visited in sorted order.
-    Extensions are matched case-insensitively against ``IMAGE_EXTENSIONS``. A missing folder, a folder with no
+    Image files are those ``model.training.files.is_image_file`` accepts (any case). A missing folder, a folder with no
     images, or no folders at all raise (``FileNotFoundError`` / ``ValueError``) before anything is computed.
     """
     if not image_dirs:
@@ -60,9 +59,9 @@ def list_images(image_dirs: Sequence[str | Path]) -> list[str]:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
             found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                         if f.lower().endswith(IMAGE_EXTENSIONS))
+                         if is_image_file(f))
         if not found:
-            raise ValueError(f"image folder has no images ({', '.join(IMAGE_EXTENSIONS)}): {image_dir}")
+            raise ValueError(f"image folder has no images ({', '.join(IMAGE_SUFFIXES)}): {image_dir}")
         paths.extend(found)
     return list(dict.fromkeys(paths))  # a folder given twice, or inside another, contributes its images once
 
@@ -143,22 +142,6 @@ def _sha256_lines(lines: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-# -- atomic writes ---------------------------------------------------------------------------------------------
-def _write_atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` (key order kept) via a temporary file and a rename (never half-written)."""
-    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
-# -- building --------------------------------------------------------------------------------------------------
 def _shard_names(i: int) -> tuple[str, str, str]:
     return f"embeddings-{i:05d}.npy", f"paths-{i:05d}.txt", f"shard-{i:05d}.json"
 
@@ -282,8 +265,8 @@ def _build_shard(out_dir: Path, i: int, inputs: list[str], visual: torch.nn.Modu
     dim = int(chunks[0].shape[1]) if chunks else None
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float16)
     emb_name, paths_name, marker_name = _shard_names(i)
-    _write_atomic(out_dir / emb_name, lambda f: np.save(f, embeddings, allow_pickle=False))
-    _write_atomic(out_dir / paths_name, lambda f: f.write("".join(p + "\n" for p in kept).encode()))
+    write_atomic(out_dir / emb_name, lambda f: np.save(f, embeddings, allow_pickle=False))
+    write_atomic(out_dir / paths_name, lambda f: f.write("".join(p + "\n" for p in kept).encode()))
     marker = {"shard": i, "inputs_sha256": _sha256_lines(inputs), "settings_sha256": settings_sha,
               "count": len(kept), "dim": dim, "skipped": skipped}
     write_json_atomic(out_dir / marker_name, marker)
@@ -389,6 +372,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "IMAGE_EXTENSIONS", "ImagePreprocess", "list_images", "tower_checksum",
-           "build_index", "read_manifest", "iter_index_shards", "load_index", "write_json_atomic",
+__all__ = ["ImagePreprocess", "list_images", "tower_checksum",
+           "build_index", "read_manifest", "iter_index_shards", "load_index",
            "add_clip_arguments", "check_clip_file", "load_clip_from_arguments", "main"]

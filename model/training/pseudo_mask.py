@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from model.clip_weights import load_state_strict
-from model.config import IMAGENET_MEAN, IMAGENET_STD
-from model.training.index import CLIP_MEAN, CLIP_STD, write_json_atomic
+from model.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from model.training.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 

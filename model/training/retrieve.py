@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from model.clip_weights import ClipTowers
+from model.training.files import write_json_atomic
 from model.training.index import (add_clip_arguments, check_clip_file, iter_index_shards, load_clip_from_arguments,
-                         read_manifest, tower_checksum, write_json_atomic)
+                                  read_manifest, tower_checksum)
 from model.training.prompts import PROMPT_TEMPLATES, fill_templates
 
 log = logging.getLogger(__name__)

@@ -22,15 +22,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from model.config import ModelConfig
-from model.training.index import CLIP_MEAN, CLIP_STD
+from model.checkpoint import file_sha256
+from model.config import CLIP_MEAN, CLIP_STD, ModelConfig
+from model.training.files import folder_fingerprint
 
 DONE = "DONE"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
 
 
 _PSEUDO_MASK_KEYS = {"extractors", "dino_weights", "moco_weights", "ks", "max_tokens", "max_mask_side", "n_init",
@@ -223,7 +223,7 @@ def prepare_training_data(data: DataConfig, vocabulary: Sequence[str], clip_weig
     provenance: dict[str, Any] = {}
     if data.retrieval_file:
         raw = json.loads(Path(data.retrieval_file).read_text())
-        provenance["retrieval_file"] = {"path": str(data.retrieval_file), "sha256": file_digest(data.retrieval_file)}
+        provenance["retrieval_file"] = {"path": str(data.retrieval_file), "sha256": file_sha256(data.retrieval_file)}
     else:
         retrieval_dir = _retrieval_stages(data, vocabulary, clip_weights, model_config, cache_dir, device,
                                           is_main, log)
@@ -236,7 +236,7 @@ def prepare_training_data(data: DataConfig, vocabulary: Sequence[str], clip_weig
         annotations = copy_paste.annotations_from_coco(data.ground_truth["annotations"],
                                                        data.ground_truth["image_dir"], vocabulary)
         provenance["masks"] = {"ground_truth": dict(data.ground_truth),
-                               "sha256": file_digest(data.ground_truth["annotations"])}
+                               "sha256": file_sha256(data.ground_truth["annotations"])}
     else:
         from model.training.pseudo_mask import load_pseudo_masks
 
@@ -262,7 +262,7 @@ def _retrieval_stages(data: DataConfig, vocabulary: Sequence[str], clip_weights:
     weights, arch = _retrieval_clip(data, clip_weights, model_config)
     mean, std = clip_normalisation(weights)
     index_inputs = {"image_dirs": {d: folder_fingerprint(d) for d in data.index_dirs},
-                    "clip_weights": file_digest(weights), "clip_model": arch}
+                    "clip_weights": file_sha256(weights), "clip_model": arch}
     if (mean, std) != (CLIP_MEAN, CLIP_STD):  # only then, so that existing index caches keep their keys
         index_inputs["normalisation"] = {"mean": list(mean), "std": list(std)}
     retrieval_inputs = {"index": stage_key(index_inputs), "concepts": list(vocabulary), "n": data.retrieval_n,
@@ -297,8 +297,8 @@ def _pseudo_mask_stage(data: DataConfig, retrieval: dict[str, list[str]], clip_w
     weights = {k: options.pop(k, None) for k in ("dino_weights", "moco_weights")}
     clip_file, clip_arch = _retrieval_clip(data, clip_weights, model_config)
     inputs = {"images": stage_key({"paths": paths}), "extractors": names, "options": options,
-              **{k: file_digest(v) for k, v in weights.items() if v},
-              **({"clip_weights": file_digest(clip_file), "clip_model": clip_arch} if "clip" in names else {})}
+              **{k: file_sha256(v) for k, v in weights.items() if v},
+              **({"clip_weights": file_sha256(clip_file), "clip_model": clip_arch} if "clip" in names else {})}
 
     def build(out: Path) -> None:
         from model.training.pseudo_mask import build_extractors, generate_pseudo_masks
@@ -346,36 +346,6 @@ def _stage(cache_dir: Path, name: str, inputs: dict[str, Any], build: Callable[[
     if is_main:
         return run_stage(cache_dir, name, inputs, build, log=log)
     return wait_for_stage(cache_dir, name, inputs)
-
-
-def file_digest(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
-    """SHA-256 (hex) of a file's content."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"file not found: {path}")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def folder_fingerprint(folder: str | Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> str:
-    """SHA-256 (hex) over the sorted (relative path, size, mtime_ns) of the files under ``folder`` with
-    ``suffixes``, recursively."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"folder not found: {folder}")
-    suffixes = tuple(suffixes)
-    entries = []
-    for root, _, files in os.walk(folder):
-        for name in files:
-            if name.endswith(suffixes):
-                p = Path(root) / name
-                st = p.stat()
-                entries.append(f"{p.relative_to(folder).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}")
-    entries.sort()
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 
 def stage_key(inputs: dict[str, Any]) -> str:
@@ -429,5 +399,5 @@ def wait_for_stage(cache_dir: str | Path, name: str, inputs: dict[str, Any], pol
 
 
 __all__ = ["DataConfig", "WorldConfig", "World", "prepare_world", "TrainingData", "prepare_training_data",
-           "validate_data_inputs", "file_digest", "folder_fingerprint", "clip_normalisation", "stage_key", "stage_dir",
+           "validate_data_inputs", "clip_normalisation", "stage_key", "stage_dir",
            "is_done", "run_stage", "wait_for_stage"]

@@ -12,7 +12,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from model.config import tiny_test_config
-from model.train import OptimConfig, build_optimizer, main, poly_lr, total_loss
+from model.train import main
+from model.training.config import OptimConfig
+from model.training.optim import build_optimizer, poly_lr, total_loss
 
 CONCEPTS = ["red square", "blue circle"]
 
@@ -193,7 +195,7 @@ def _initial_encoder(world: Path) -> dict:
 @pytest.mark.parametrize("name,steps,ignore,classes", [("coco_vit_b_16", 20000, 255, 80),
                                                        ("imagenet_s919_vit_b_16", 80000, 1000, 919)])
 def test_shipped_recipes_carry_the_reference_hyper_parameters(name, steps, ignore, classes):
-    from model.train import TrainConfig
+    from model.training.config import TrainConfig
 
     path = Path(__file__).parents[2] / "model" / "configs" / f"{name}.json"
     cfg = TrainConfig.from_dict(json.loads(path.read_text()))
@@ -228,19 +230,19 @@ def test_same_script_runs_under_torchrun_with_two_cpu_ranks(world, tmp_path):
 
 
 def test_first_images_restricts_ground_truth_to_the_evaluated_scenes():
-    from model.train import _first_images
+    from model.training.export import first_images
 
     coco = {"images": [{"id": 7}, {"id": 3}], "categories": [],
             "annotations": [{"id": 1, "image_id": 3}, {"id": 2, "image_id": 7}, {"id": 3, "image_id": 3}]}
-    assert _first_images(coco, None) is coco
-    first = _first_images(coco, 1)
+    assert first_images(coco, None) is coco
+    first = first_images(coco, 1)
     assert first["images"] == [{"id": 7}] and [a["id"] for a in first["annotations"]] == [2]
-    assert [a["id"] for a in _first_images(coco, 2)["annotations"]] == [1, 2, 3]
+    assert [a["id"] for a in first_images(coco, 2)["annotations"]] == [1, 2, 3]
 
 
 def test_unset_opt_in_sections_stay_out_of_the_saved_config():
     # training states and checkpoints written before init_checkpoint / oracle_scenes existed must still --resume
-    from model.train import TrainConfig
+    from model.training.config import TrainConfig
 
     path = Path(__file__).parents[2] / "model" / "configs" / "coco_vit_b_16.json"
     d = TrainConfig.from_dict(json.loads(path.read_text())).to_dict()

@@ -37,7 +37,6 @@ Choices worth knowing (shared/docs/shapes-notes.md has the prototype these follo
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import json
 import math
@@ -57,7 +56,8 @@ from torch import nn
 
 from model.backbone import build_text_tower, build_tokenizer, build_vision_tower
 from model.clip_weights import ClipTowers, save_clip
-from model.config import ModelConfig
+from model.config import ModelConfig, reject_unknown_keys
+from model.training.runtime import tune_cpu_allocator
 from model.training.shapes.world import ShapesWorld, caption, render_caption_batch
 from model.training.shapes.zero_shot import (encode_image_and_tokens, final_metrics, images_to_tensor, render_eval_set,
                                     zero_shot_accuracy)
@@ -138,10 +138,7 @@ class ClipRecipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ClipRecipe":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ClipRecipe field(s): {sorted(unknown)}")
+        reject_unknown_keys(d, cls, "ClipRecipe field(s)")
         if "model_config" not in d:
             raise ValueError("a ClipRecipe needs a model_config")
         return cls(**d)
@@ -281,12 +278,7 @@ def tune_cpu(threads: int) -> None:
     """Set the CPU knobs the prototype found essential: thread count, flushed denormals, glibc malloc thresholds."""
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
-    try:  # M_TRIM_THRESHOLD = -1, M_MMAP_THRESHOLD = -3 (glibc <malloc.h>); no-op elsewhere
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 * 1024 * 1024)
-        libc.mallopt(-1, 2**31 - 1)
-    except (OSError, AttributeError):
-        pass
+    tune_cpu_allocator()
 
 
 def content_groups(contents: Sequence[tuple[int, ...]]) -> torch.Tensor:

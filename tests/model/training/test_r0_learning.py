@@ -18,7 +18,8 @@ from model.config import tiny_test_config
 from model.training.criterion import compute_losses
 from model.network import ZUTIS
 from model.training.shapes.world import ShapesWorld, render_scene
-from model.train import OptimConfig, build_optimizer, set_lr, total_loss
+from model.training.config import OptimConfig
+from model.training.optim import build_optimizer, set_lr, total_loss
 
 SIZE = 64
 STEPS = 60

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from model.config import tiny_test_config
-from model.training.stages import (DataConfig, file_digest, folder_fingerprint, prepare_training_data, run_stage, stage_dir,
+from model.checkpoint import file_sha256
+from model.training.files import folder_fingerprint
+from model.training.stages import (DataConfig, prepare_training_data, run_stage, stage_dir,
                           validate_data_inputs)
 
 
@@ -46,9 +48,9 @@ def test_fingerprints_follow_content_and_listing(tmp_path):
     (tmp_path / "d").mkdir()
     f = tmp_path / "d" / "a.png"
     f.write_bytes(b"1")
-    digest, listing = file_digest(f), folder_fingerprint(tmp_path / "d")
+    digest, listing = file_sha256(f), folder_fingerprint(tmp_path / "d")
     f.write_bytes(b"22")
-    assert file_digest(f) != digest and folder_fingerprint(tmp_path / "d") != listing
+    assert file_sha256(f) != digest and folder_fingerprint(tmp_path / "d") != listing
     (tmp_path / "d" / "notes.txt").write_text("not an image")
     assert folder_fingerprint(tmp_path / "d") == folder_fingerprint(tmp_path / "d")
     with pytest.raises(FileNotFoundError, match="nope"):

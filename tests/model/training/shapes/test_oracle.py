@@ -51,7 +51,7 @@ def test_training_scenes_are_relabelled_consistently_and_listed_per_colour(tmp_p
 
 
 def test_oracle_scenes_may_not_use_the_evaluation_seeds():
-    from model.train import TrainConfig
+    from model.training.config import TrainConfig
 
     base = json.loads((LADDER / "r0_base.json").read_text())
     base["oracle_scenes"] = {**base["oracle_scenes"], "seed": base["world"]["test_seed"]}

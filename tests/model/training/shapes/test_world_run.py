@@ -1,5 +1,5 @@
 """A run from nothing: the ``world`` section's cached stages (model.stages.prepare_world), how they fill in a
-training config (model.train.with_world), and a tiny end-to-end ``python -m model.train`` on the shapes world."""
+training config (model.training.config.with_world), and a tiny end-to-end ``python -m model.train`` on the shapes world."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from model.config import tiny_test_config
 from model.training.shapes.clip_pretrain import ClipRecipe
 from model.training.shapes.world import ShapesWorld
 from model.training.stages import WorldConfig, prepare_world
-from model.train import TrainConfig, main, with_world
+from model.train import main
+from model.training.config import TrainConfig, with_world
 
 WORLD = ShapesWorld()
 MODEL = tiny_test_config(conv_stem=(8, 16))
@@ -81,7 +82,7 @@ def test_world_stages_are_built_once_and_keyed_by_their_inputs(built):
 def test_index_uses_the_normalisation_its_clip_was_trained_with(tmp_path):
     from model.backbone import build_text_tower, build_vision_tower
     from model.clip_weights import ClipTowers, save_clip
-    from model.training.index import CLIP_MEAN, CLIP_STD
+    from model.config import CLIP_MEAN, CLIP_STD
     from model.training.stages import clip_normalisation
 
     config = tiny_test_config(image_mean=(0.1, 0.2, 0.3), image_std=(0.5, 0.6, 0.7))
