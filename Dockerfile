@@ -36,7 +36,9 @@ RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))
     && pip install --no-cache-dir -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# The code, installed (not editable) so that package data and the distribution's version are found.
+# The code, installed (not editable) so that package data and the distribution's version are found: the inference
+# library and the service only. .dockerignore leaves out model/training (and the training commands and configs),
+# whose extra dependencies (pip's [train] extra) the image does not install either.
 COPY README.md ./
 COPY model/ model/
 COPY service/ service/

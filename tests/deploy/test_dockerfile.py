@@ -107,30 +107,62 @@ def test_dockerfile_ships_weights_where_the_checkpoint_points():
     assert re.search(r"ZUTIS_HOST=0\.0\.0\.0\b", env), "the service's default host, loopback, is unreachable"
 
 
-def test_dockerignore_keeps_what_the_image_copies_and_drops_the_rest():
+def dockerignore_excludes(path: str) -> bool:
+    """Whether .dockerignore keeps ``path`` (relative to the repository) out of the build context. Docker's rule:
+    the last matching pattern wins."""
     patterns = [line.strip() for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()]
     patterns = [p for p in patterns if p and not p.startswith("#")]
+    verdict = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        body = pattern.lstrip("!").rstrip("/").removeprefix("**/")
+        parts = Path(path).parts
+        if any(fnmatch.fnmatch("/".join(parts[: i + 1]), body) for i in range(len(parts))) or any(
+            fnmatch.fnmatch(part, body) for part in parts if pattern.lstrip("!").startswith("**/")
+        ):
+            verdict = not negated
+    return verdict
 
-    def excluded(path: str) -> bool:  # Docker's rule: the last matching pattern wins
-        verdict = False
-        for pattern in patterns:
-            negated = pattern.startswith("!")
-            body = pattern.lstrip("!").rstrip("/").removeprefix("**/")
-            parts = Path(path).parts
-            if any(fnmatch.fnmatch("/".join(parts[: i + 1]), body) for i in range(len(parts))) or any(
-                fnmatch.fnmatch(part, body) for part in parts if pattern.lstrip("!").startswith("**/")
-            ):
-                verdict = not negated
-        return verdict
 
+def test_dockerignore_keeps_what_the_image_copies_and_drops_the_rest():
     for instruction, arguments in instructions():
         if instruction == "COPY" and "--from" not in arguments:
             for source in copy_sources(arguments):
                 path = re.sub(r"\[(.)\]", r"\1", source).rstrip("/")  # weight[s], a pattern, names weights
-                assert not excluded(path), f"{source} is COPYed but .dockerignore excludes it"
+                assert not dockerignore_excludes(path), f"{source} is COPYed but .dockerignore excludes it"
     compiled = "service/__pycache__/app.cpython-311.pyc"
     for path in (".venv", ".git", "tests", "runs", "data", "model/__pycache__", compiled):
-        assert excluded(path), f"{path} would be sent to the Docker daemon"
+        assert dockerignore_excludes(path), f"{path} would be sent to the Docker daemon"
+
+
+def test_image_carries_no_training_code():
+    for path in ("model/training", "model/training/train_loop.py", "model/train.py", "model/evaluate.py",
+                 "model/shapes/clip_pretrain.py", "model/configs/shapes.json"):
+        assert dockerignore_excludes(path), f"{path} would be in the serving image"
+    for path in ("model/network.py", "model/predictor.py", "model/vocabularies/coco.txt", "service/app.py"):
+        assert not dockerignore_excludes(path), path
+
+
+def test_service_runs_from_what_the_image_copies(tmp_path):
+    # The image's model/ and service/ (its COPY sources minus .dockerignore), alone on the path: the service, the
+    # CLI and the converter import, and no training module can be found.
+    for folder in ("model", "service"):
+        for path in (REPO_ROOT / folder).rglob("*"):
+            relative = path.relative_to(REPO_ROOT).as_posix()
+            if path.is_file() and not dockerignore_excludes(relative):
+                (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / relative).write_bytes(path.read_bytes())
+    code = ("import importlib.util, sys\n"
+            # an editable install of the checkout would otherwise find the missing modules in the checkout
+            "sys.meta_path[:] = [f for f in sys.meta_path if not str(getattr(f, '__module__', '')).startswith('__editable__')]\n"
+            "import model, service.app, model.predictor, model.predict, model.convert_official\n"
+            "assert model.__file__.startswith(sys.argv[1]), model.__file__\n"
+            "assert importlib.util.find_spec('model.training') is None\n"
+            "assert importlib.util.find_spec('model.train') is None\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 # --- the HEALTHCHECK command, run against a stand-in server ---------------------------------------------------
