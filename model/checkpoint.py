@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model.clip_weights import load_state_strict
@@ -111,8 +113,6 @@ def save_checkpoint(path: str | Path, model: ZUTIS, text_tower: nn.Module, metad
     ``dtype`` (e.g. ``torch.float16``) stores floating-point tensors in that precision to save space; they are
     loaded back as float32.
     """
-    from safetensors.torch import save_file
-
     if metadata.model_config != model.config:
         raise ValueError("metadata.model_config differs from the model's own config")
 
@@ -134,8 +134,6 @@ def save_checkpoint(path: str | Path, model: ZUTIS, text_tower: nn.Module, metad
 
 def read_metadata(path: str | Path) -> CheckpointMetadata:
     """The metadata alone (cheap: reads the header, no tensors)."""
-    from safetensors import safe_open
-
     path = _existing(path)
     with safe_open(str(path), framework="pt") as f:
         return CheckpointMetadata.from_strings(f.metadata() or {}, str(path))
@@ -143,8 +141,6 @@ def read_metadata(path: str | Path) -> CheckpointMetadata:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Build the network and text encoder from ``path`` and load the weights (strict; float32; eval mode)."""
-    from safetensors.torch import load_file
-
     path = _existing(path)
     metadata = read_metadata(path)
     tensors = load_file(str(path), device="cpu")

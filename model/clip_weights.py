@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model.backbone import build_text_tower, build_vision_tower
@@ -39,8 +41,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path), device="cpu")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -81,8 +81,6 @@ def load_clip(path: str | Path, config: ModelConfig | None = None) -> ClipTowers
     if not path.is_file():
         raise FileNotFoundError(f"CLIP weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if config is None:
@@ -100,8 +98,6 @@ def load_clip(path: str | Path, config: ModelConfig | None = None) -> ClipTowers
 
 def save_clip(path: str | Path, towers: ClipTowers, extra_metadata: dict[str, str] | None = None) -> None:
     """Write both towers as one safetensors file (atomic: temporary file, then rename)."""
-    from safetensors.torch import save_file
-
     tensors = {f"visual.{k}": v.detach().contiguous().cpu() for k, v in towers.visual.state_dict().items()}
     tensors.update({f"text.{k}": v.detach().contiguous().cpu() for k, v in towers.text.state_dict().items()
                     if k != "attn_mask"})

@@ -21,7 +21,11 @@ from typing import Sequence
 
 import torch
 
+from model.checkpoint import CheckpointMetadata, file_sha256, save_checkpoint
+from model.clip_weights import load_clip
 from model.config import InferenceParams, ModelConfig
+from model.network import ZUTIS
+from model.vocabularies import load_vocabulary
 
 # Our open_clip architecture for each official CLIP arch (QuickGELU, as OpenAI's weights were trained with).
 ARCHITECTURES = {"ViT-B-16": "ViT-B-16-quickgelu", "ViT-B-32": "ViT-B-32-quickgelu"}
@@ -110,17 +114,34 @@ def convert_official(zutis_path: str | Path, clip_path: str | Path, vocabulary: 
         model_config: overrides the official architecture entirely (tests use tiny random models).
         command: recorded in the provenance (default: this process's command line).
     """
-    from model.checkpoint import CheckpointMetadata, file_sha256, save_checkpoint
-    from model.clip_weights import load_clip
-    from model.vocabularies import load_vocabulary
-    from model.network import ZUTIS
-
     zutis_path, clip_path, out_path = Path(zutis_path), Path(clip_path), Path(out_path)
     for what, p in (("official ZUTIS checkpoint", zutis_path), ("CLIP weights file", clip_path)):
         if not p.is_file():
             raise FileNotFoundError(f"{what} not found: {p}")
     names = load_vocabulary(vocabulary)  # ValueError for an unknown name, before any heavy work
+    model, model_config, arch = load_official_network(zutis_path, arch, model_config)
+    try:
+        towers = load_clip(clip_path, model_config)
+    except ValueError as exc:
+        raise ValueError(f"{clip_path} is not CLIP {model_config.clip_model or 'of the configured architecture'} "
+                         f"weights: {exc}") from exc
+    metadata = CheckpointMetadata(
+        model_id=f"zutis-official-{vocabulary.replace('_', '-')}-{(arch or 'custom').lower()}",
+        model_config=model_config,
+        vocabulary=names,
+        inference=OFFICIAL_INFERENCE,
+        input_size=OFFICIAL_INPUT_SIZE,
+        prompt_templates=None,  # the official models embed the raw category names
+        geometry=OFFICIAL_GEOMETRY,
+        provenance=conversion_provenance(zutis_path, clip_path, vocabulary, command),
+    )
+    return save_checkpoint(out_path, model, towers.text, metadata)
 
+
+def load_official_network(zutis_path: Path, arch: str | None,
+                          model_config: ModelConfig | None) -> tuple[ZUTIS, ModelConfig, str | None]:
+    """The release file as our ``ZUTIS`` (eval mode, float32), after checking its layout and values; with its
+    config (the official one of ``arch``, inferred from the patch size, unless ``model_config`` is given)."""
     state = read_official_state_dict(zutis_path)
     if model_config is None:
         inferred = infer_architecture(state)
@@ -132,34 +153,22 @@ def convert_official(zutis_path: str | Path, clip_path: str | Path, vocabulary: 
     check_layout(state, model.state_dict(), str(zutis_path))
     check_values(state, str(zutis_path))
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    model.eval()
+    return model.eval(), model_config, arch
 
-    try:
-        towers = load_clip(clip_path, model_config)
-    except ValueError as exc:
-        raise ValueError(f"{clip_path} is not CLIP {model_config.clip_model or 'of the configured architecture'} "
-                         f"weights: {exc}") from exc
 
-    metadata = CheckpointMetadata(
-        model_id=f"zutis-official-{vocabulary.replace('_', '-')}-{(arch or 'custom').lower()}",
-        model_config=model_config,
-        vocabulary=names,
-        inference=OFFICIAL_INFERENCE,
-        input_size=OFFICIAL_INPUT_SIZE,
-        prompt_templates=None,  # the official models embed the raw category names
-        geometry=OFFICIAL_GEOMETRY,
-        provenance={
-            "source": "official ZUTIS release (github.com/NoelShin/zutis), converted by model.convert_official",
-            "zutis_file": zutis_path.name,
-            "zutis_sha256": file_sha256(zutis_path),
-            "clip_file": clip_path.name,
-            "clip_sha256": file_sha256(clip_path),
-            "vocabulary": vocabulary,
-            "command": command if command is not None else shlex.join([sys.executable, *sys.argv]),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        },
-    )
-    return save_checkpoint(out_path, model, towers.text, metadata)
+def conversion_provenance(zutis_path: Path, clip_path: Path, vocabulary: str, command: str | None) -> dict[str, str]:
+    """Where a converted checkpoint came from: both input files (name and sha256), the vocabulary, the command
+    (default: this process's command line) and the date."""
+    return {
+        "source": "official ZUTIS release (github.com/NoelShin/zutis), converted by model.convert_official",
+        "zutis_file": zutis_path.name,
+        "zutis_sha256": file_sha256(zutis_path),
+        "clip_file": clip_path.name,
+        "clip_sha256": file_sha256(clip_path),
+        "vocabulary": vocabulary,
+        "command": command if command is not None else shlex.join([sys.executable, *sys.argv]),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from PIL import Image
+from PIL import Image
 
 # The geometry policies (docs/design.md): "letterbox" (every image in an S x S square) and "native" (each image
 # at its own size, resized only past a cap; the official protocol, model.native).
@@ -117,8 +115,6 @@ def letterbox_for(image_hw: Sequence[int], input_size: int) -> Letterbox:
 
 def as_rgb_pil(image: "Image.Image | np.ndarray") -> "Image.Image":
     """A PIL image (converted to RGB) or an ``(H, W, 3)`` uint8 RGB array -> an RGB PIL image."""
-    from PIL import Image  # deferred: only the preprocessing path needs PIL
-
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, np.ndarray):
@@ -175,8 +171,6 @@ def normalise_pixels(pil: "Image.Image", size_hw: tuple[int, int], mean: Sequenc
         raise ValueError(f"std must be positive, got {tuple(std)}")
     h, w = size_hw
     if (pil.height, pil.width) != (h, w):
-        from PIL import Image
-
         pil = pil.resize((w, h), resample=Image.Resampling.BILINEAR)
     if out is None:
         out = torch.empty(3, h, w, dtype=torch.float32)

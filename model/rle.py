@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -44,8 +46,6 @@ def encode_masks(masks: np.ndarray | torch.Tensor) -> list[dict[str, Any]]:
 def encode_column_major(columns: np.ndarray) -> list[dict[str, Any]]:
     """COCO RLEs of binary masks given column by column: ``columns`` is ``(N, W, H)`` bool, C-contiguous (the
     masks transposed). Returns ``N`` dicts ``{"size": [H, W], "counts": str}``."""
-    from pycocotools import mask as mask_utils
-
     if columns.ndim != 3 or columns.dtype != np.bool_ or not columns.flags["C_CONTIGUOUS"]:
         raise ValueError(f"columns must be C-contiguous (N, W, H) bool, got shape {columns.shape} "
                          f"dtype {columns.dtype}")
@@ -73,8 +73,6 @@ def _check_rle(rle: Any) -> dict[str, Any]:
 
 def decode_rle(rle: dict[str, Any]) -> np.ndarray:
     """The ``(H, W)`` bool mask of one COCO RLE (``counts`` str or bytes)."""
-    from pycocotools import mask as mask_utils
-
     return mask_utils.decode(_check_rle(rle)).astype(bool)
 
 
@@ -119,8 +117,6 @@ def encode_semantic_png(label_map: np.ndarray | torch.Tensor) -> str:
     Args:
         label_map: ``(H, W)`` non-negative integers below 65536 (uint8/uint16 or any integer dtype).
     """
-    from PIL import Image
-
     arr = _check_label_map(label_map)
     if arr.size == 0:
         raise ValueError(f"cannot encode an empty label map (shape {arr.shape})")
@@ -137,8 +133,6 @@ def encode_semantic_png(label_map: np.ndarray | torch.Tensor) -> str:
 
 def decode_semantic_png(data: str) -> np.ndarray:
     """The ``(H, W)`` uint16 label map of :func:`encode_semantic_png`'s output."""
-    from PIL import Image
-
     try:
         raw = base64.b64decode(data, validate=True)
     except (ValueError, TypeError) as err:
@@ -172,8 +166,6 @@ def encode_semantic_rle(label_map: np.ndarray | torch.Tensor, num_classes: int) 
 
 def decode_semantic_rle(items: list[dict[str, Any]], hw: tuple[int, int]) -> np.ndarray:
     """The ``(H, W)`` uint16 label map of :func:`encode_semantic_rle`'s output; uncovered pixels are 0."""
-    from pycocotools import mask as mask_utils
-
     h, w = int(hw[0]), int(hw[1])
     label_map = np.zeros((h, w), dtype=np.uint16)
     if not items:
