@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.backbone import build_tokenizer
 from model.clip_weights import ClipTowers
 from model.training.files import write_json_atomic
 from model.training.index import (add_clip_arguments, check_clip_file, iter_index_shards, load_clip_from_arguments,
@@ -60,8 +61,6 @@ def encode_concepts(concepts: Sequence[str], clip: ClipTowers, templates: Sequen
     Each of the ``C * T`` prompts is embedded with ``clip.text`` and L2-normalised; a concept's ``T`` embeddings
     are averaged and the mean is re-normalised.
     """
-    from model.backbone import build_tokenizer
-
     tokenizer = build_tokenizer(clip.config)
     prompts = [p for c in concepts for p in fill_templates(c, templates)]
     device = next(clip.text.parameters()).device
