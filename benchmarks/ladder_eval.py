@@ -25,7 +25,9 @@ if str(ROOT) not in sys.path:
 
 
 def evaluate(checkpoint: Path, scenes: Path, max_images: int | None) -> dict[str, Any]:
-    from model.training.evaluate import evaluate_checkpoint, evaluate_instances, load_coco_dataset
+    from model.training.evaluation.coco_ap import evaluate_instances
+    from model.training.evaluation.datasets import load_coco_dataset
+    from model.training.evaluation.runner import evaluate_checkpoint
 
     dataset = load_coco_dataset(scenes / "instances.json", scenes / "images", scenes / "labels")
     start = time.monotonic()

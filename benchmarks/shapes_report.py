@@ -43,7 +43,8 @@ def split_metrics(report: dict[str, Any]) -> dict[str, dict[str, float | None]]:
 
 def evaluate_scenes(checkpoint: Path, scenes: Path, subsets: dict[str, list[str]], max_images: int | None,
                     **overrides: Any) -> dict[str, Any]:
-    from model.training.evaluate import evaluate_checkpoint, load_coco_dataset
+    from model.training.evaluation.datasets import load_coco_dataset
+    from model.training.evaluation.runner import evaluate_checkpoint
 
     dataset = load_coco_dataset(scenes / "instances.json", scenes / "images", scenes / "labels")
     evaluation = evaluate_checkpoint(checkpoint, dataset, subsets=subsets, max_images=max_images,

@@ -13,8 +13,9 @@ import torch
 from model.checkpoint import CheckpointMetadata, save_checkpoint
 from model.config import InferenceParams
 from model.training.config import EXPORT_DTYPES, EvalConfig, TrainConfig
-from model.training.evaluate import (evaluate_checkpoint, evaluate_instances, load_coco_dataset,
-                                     load_label_folder_dataset)
+from model.training.evaluation.coco_ap import evaluate_instances
+from model.training.evaluation.datasets import load_coco_dataset, load_label_folder_dataset
+from model.training.evaluation.runner import evaluate_checkpoint
 from model.training.operating_point import choose_score_threshold, match_detections, operating_points
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
 
 def resize_mask_probs(probs: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
@@ -40,8 +41,6 @@ def mask_cost(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def hungarian(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimum-cost assignment of a (K, Q) cost matrix: (instance indices, query indices), int64, sorted by
     instance; ``min(K, Q)`` pairs (scipy ``linear_sum_assignment``)."""
-    from scipy.optimize import linear_sum_assignment
-
     rows, cols = linear_sum_assignment(cost.detach().cpu().numpy())
     return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
 

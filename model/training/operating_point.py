@@ -3,7 +3,11 @@
 Mask AP ranks every detection and so does not depend on a score floor; a service answer does: below the floor
 nothing is returned. The floor is chosen on validation scenes (never the test scenes) as the one maximising
 instance F1 at mask IoU >= 0.5: a detection is a true positive when it matches, greedily by descending score,
-a not yet matched ground-truth object of its category with IoU >= 0.5.
+a not yet matched ground-truth object of its category with IoU >= 0.5 (``match_detections``).
+
+This matching is not COCO AP's (``model.training.evaluation.coco_ap``, which ranks detections over ten IoU
+thresholds, caps them per image and lets a detection on a crowd region go uncounted): it answers "is this answer
+right?" at one threshold, for the F1 of one floor.
 """
 
 from __future__ import annotations
@@ -12,17 +16,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 
 def match_detections(gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]],
                      iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, int]:
     """Greedy per-(image, category) matching of COCO ``results`` against the COCO dataset ``gt``.
 
-    Returns ``scores`` (N,) float64 and ``is_tp`` (N,) bool of the results sorted by descending score, and the
+    In descending score order (ties in input order), each result takes the not yet matched ground-truth object of
+    its image and category with the highest mask IoU, if that IoU is at least ``iou_threshold``; otherwise it is a
+    false positive. Crowd objects (``iscrowd`` 1) are left out: a result on one is a false positive. Segmentations,
+    GT and results alike, are compressed RLEs ``{"size": [H, W], "counts": str | bytes}`` (pycocotools ``iou``).
+
+    Returns ``scores`` (N,) float64 and ``is_tp`` (N,) bool of the N results sorted by descending score, and the
     number of ground-truth objects (``iscrowd`` 0).
     """
-    from pycocotools import mask as mask_utils
-
     objects: dict[tuple[Any, int], list[dict[str, Any]]] = {}
     for ann in gt["annotations"]:
         if not ann.get("iscrowd", 0):

@@ -1,4 +1,4 @@
-"""Tests for model/evaluate.py: COCO mask AP against hand-derived values, the confusion matrix against a naive
+"""Tests for model/training/evaluation: COCO mask AP against hand-derived values, the confusion matrix against a naive
 per-class loop, datasets on disk, the predictor loop (with an oracle stand-in) and the command line."""
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from model.training.evaluate import (ConfusionMatrix, ProgressReporter, evaluate_instances, evaluate_predictor,
-                            evaluate_semantic, load_coco_dataset, load_label_folder_dataset, load_label_map, main,
-                            read_image)
+from model.training.evaluation.coco_ap import evaluate_instances
+from model.training.evaluation.command import main
+from model.training.evaluation.datasets import load_coco_dataset, load_label_folder_dataset, load_label_map, read_image
+from model.training.evaluation.runner import ProgressReporter, evaluate_predictor
+from model.training.evaluation.semantic import ConfusionMatrix, evaluate_semantic
 
 H, W = 40, 50
 # COCO's 101-point interpolated AP when precision is 1 up to recall 0.5 and 0 after: 51 of 101 recall thresholds.

@@ -1,4 +1,5 @@
-"""model.threshold: greedy IoU matching, operating points and the chosen score floor, on hand-made masks."""
+"""model.training.operating_point: greedy IoU matching, operating points and the chosen score floor, on hand-made
+masks."""
 
 from __future__ import annotations
 
