@@ -1,8 +1,8 @@
 """Evaluate a checkpoint on a scene folder as ``model.train``'s export does, with class-agnostic AP too.
 
-One prediction pass (``model.evaluate.evaluate_checkpoint`` with the release's 0.001 score floor, so the exported
-service threshold does not cut the ranking), scored category-aware (AP, AP50, AP75, mIoU) and class-agnostic (the
-same predictions, every category mapped to one). For the ladder's rows (docs/ladder-r0.md).
+One prediction pass (``model.training.evaluation.runner.evaluate_checkpoint`` with the release's 0.001 score
+floor, so the exported service threshold does not cut the ranking), scored category-aware (AP, AP50, AP75, mIoU)
+and class-agnostic (the same predictions, every category mapped to one). For the ladder's rows (docs/ladder-r0.md).
 
     MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python benchmarks/ladder_eval.py \\
         --checkpoint runs/ladder/r0_grad/model.safetensors --scenes runs/ladder/cache/shapes_test_colour-*/

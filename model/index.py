@@ -1,4 +1,7 @@
-"""``python -m model.index``: embed an image folder with a CLIP image tower (the unlabelled index) (the command keeps its name; the code lives in ``model.training.index``)."""
+"""``python -m model.index``: embed image folders with a CLIP image tower (the unlabelled index).
+
+The command keeps its name; the code lives in ``model.training.index``.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""``python -m model.retrieve``: top-n images per concept from an index by CLIP similarity (the command keeps its name; the code lives in ``model.training.retrieve``)."""
+"""``python -m model.retrieve``: the top-n images per concept from an index, by CLIP similarity.
+
+The command keeps its name; the code lives in ``model.training.retrieve``.
+"""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Named, unweighted training losses of ZUTIS (reference §4.2, §7.2); the weights live in ``model.train``.
 
 - ``mask``: class-agnostic. Per image, every decoder layer's proposals are Hungarian-matched to the instances
-  (``model.matcher``); the layer's loss is the *sum* over matched pairs of ``dice + bce`` at the crop resolution;
-  layers are summed and images averaged over the whole batch (an image without instance pixels counts 0).
+  (``model.training.hungarian``); the layer's loss is the *sum* over matched pairs of ``dice + bce`` at the crop
+  resolution; layers are summed and images averaged over the whole batch (an image without instance pixels counts 0).
   There is no no-object term: unmatched queries get no gradient.
 - ``ce``: cross-entropy of the raw cosine logits (no logit scale, the release) between the semantic features,
   upsampled bilinearly to the crop size, and the text embeddings, against the semantic target with

@@ -21,8 +21,9 @@ from model.training.operating_point import choose_score_threshold, match_detecti
 
 def export(path: Path, model: torch.nn.Module, text_tower: torch.nn.Module, cfg: TrainConfig,
            provenance: dict[str, Any], device: torch.device, log: Callable[[str], None]) -> Path:
-    """Write the service checkpoint; with a ``val`` set, choose its score threshold there (``model.training.operating_point``);
-    with an ``eval`` set, evaluate it and store the metrics (and timings) in its provenance."""
+    """Write the service checkpoint; with a ``val`` set, choose its score threshold there
+    (``model.training.operating_point``); with an ``eval`` set, evaluate it and store the metrics (and timings) in
+    its provenance."""
     metadata = CheckpointMetadata(model_id=path.stem if cfg.export_path else (path.parent.name or "zutis"),
                                   model_config=cfg.model,
                                   vocabulary=["background", *(cfg.export_vocabulary or cfg.vocabulary)],
@@ -41,7 +42,7 @@ def export(path: Path, model: torch.nn.Module, text_tower: torch.nn.Module, cfg:
         start = time.monotonic()
         val = load(cfg.val)
         log(f"choosing the score threshold on {len(val)} validation images")
-        # one pass with the lowest candidate as floor; higher floors only drop detections (model.training.operating_point)
+        # one pass with the lowest candidate as floor; higher floors only drop detections (operating_point)
         run = evaluate_checkpoint(path, val, device=str(device), max_images=cfg.val.max_images,
                                   score_threshold=0.001)
         threshold, points = choose_score_threshold(first_images(val.coco, cfg.val.max_images), run.results)

@@ -154,7 +154,8 @@ def test_service_runs_from_what_the_image_copies(tmp_path):
                 (tmp_path / relative).write_bytes(path.read_bytes())
     code = ("import importlib.util, sys\n"
             # an editable install of the checkout would otherwise find the missing modules in the checkout
-            "sys.meta_path[:] = [f for f in sys.meta_path if not str(getattr(f, '__module__', '')).startswith('__editable__')]\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path\n"
+            "                    if not str(getattr(f, '__module__', '')).startswith('__editable__')]\n"
             "import model, service.app, model.predictor, model.predict, model.convert_official\n"
             "assert model.__file__.startswith(sys.argv[1]), model.__file__\n"
             "assert importlib.util.find_spec('model.training') is None\n"
