@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from model.clip_weights import load_state_strict
 from model.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from model.mask_iou import pairwise_iou
 from model.training.files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -244,33 +245,11 @@ def filter_long_masks(masks: torch.Tensor) -> torch.Tensor:
     return masks[keep] if bool(keep.any()) else masks
 
 
-def pairwise_iou(masks: torch.Tensor) -> torch.Tensor:
-    """IoU between every pair of bool ``(M, H, W)`` masks: float32 ``(M, M)`` (two empty masks: IoU 1)."""
-    flat = masks.flatten(1).float()
-    inter = flat @ flat.T
-    area = flat.sum(dim=1)
-    union = area[:, None] + area[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(inter))
-
-
 def vote(masks: torch.Tensor) -> int:
     """Index of the mask with the largest summed IoU against all masks (itself included); first on ties."""
     if masks.shape[0] == 0:
         raise ValueError("no candidate masks to vote between")
     return int(pairwise_iou(masks).sum(dim=1).argmax())
-
-
-def mask_iou(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
-    """IoU of two binary ``(H, W)`` masks (numpy or torch, any dtype; nonzero is foreground).
-
-    Two empty masks have IoU 1.0 (they agree). Raises ``ValueError`` on different shapes.
-    """
-    a = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a).astype(bool)
-    b = np.asarray(b.detach().cpu() if isinstance(b, torch.Tensor) else b).astype(bool)
-    if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"masks must be (H, W) of the same shape, got {a.shape} and {b.shape}")
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def salient_mask(image: Any, extractors: Mapping[str, FeatureExtractor] | Sequence[FeatureExtractor],
@@ -620,6 +599,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["FeatureExtractor", "DEFAULT_KS", "spectral_embedding", "kmeans", "spectral_candidates", "is_long_mask",
-           "filter_long_masks", "pairwise_iou", "vote", "mask_iou", "salient_mask", "rgb_to_lab",
+           "filter_long_masks", "vote", "salient_mask", "rgb_to_lab",
            "ColourTextureFeatures", "ClipPatchFeatures", "DinoFeatures", "MocoFeatures", "build_extractors",
            "generate_pseudo_masks", "load_pseudo_masks", "EXTRACTOR_NAMES", "main"]
