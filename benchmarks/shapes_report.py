@@ -77,7 +77,7 @@ def training_data_quality(retrieval_json: Path, pseudo_mask_dir: Path | None, tr
                            "retrieval_single_object_precision": single_hits / max(1, total)}
     if pseudo_mask_dir is None:
         return out
-    from model.training.pseudo_mask import load_pseudo_masks
+    from model.training.pseudo_masks.shards import load_pseudo_masks
 
     masks = load_pseudo_masks(pseudo_mask_dir)
     union_ious: dict[str, list[float]] = {"single": [], "multi": [], "empty": []}

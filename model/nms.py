@@ -11,79 +11,19 @@ Two exact strategies give identical results: ``"matrix"`` (the whole IoU matrix 
 greedy pass over bool vectors; best on GPUs) and ``"greedy"`` (IoUs only between each kept mask and the remaining
 candidates of its label whose boxes overlap it, counted inside the kept mask's box; best on CPUs, where the
 greedy selection keeps few masks and a float copy of every mask would dominate the cost).
+
+Mask areas and the IoU matrix (with the reference's ``I / (U + 1e-7)`` convention: an empty mask overlaps nothing)
+come from ``model.mask_iou``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import numpy as np
 import torch
 
-# Integer counts of up to 2**24 are exact in float32 whatever the summation order, so intersections are
-# accumulated from float32 products over pixel chunks shorter than that.
-_EXACT_F32_COUNT = 2**24
-# Bound on the float32 copy of the masks made per chunk (elements): ~64 MiB.
-_CHUNK_ELEMENTS = 2**24
-
-
-def _flatten_masks(masks: torch.Tensor) -> torch.Tensor:
-    if masks.dtype != torch.bool:
-        raise ValueError(f"masks must be a bool tensor, got {masks.dtype}")
-    if masks.ndim == 3:
-        return masks.reshape(masks.shape[0], masks.shape[1] * masks.shape[2])
-    if masks.ndim == 2:
-        return masks
-    raise ValueError(f"masks must be (N, H, W) or (N, P), got shape {tuple(masks.shape)}")
-
-
-def mask_areas(masks: torch.Tensor) -> torch.Tensor:
-    """Pixel count of each mask: ``(N, ...)`` bool -> ``(N,)`` int64, on the masks' device.
-
-    Counts bytes in blocks of 255 with uint8 accumulation, then sums the block counts: on CPU this is tens of
-    times faster than ``masks.sum()``, which converts every element to int64.
-    """
-    if masks.dtype != torch.bool or masks.ndim < 1:
-        raise ValueError(f"masks must be an (N, ...) bool tensor, got shape {tuple(masks.shape)} {masks.dtype}")
-    flat = masks.reshape(masks.shape[0], math.prod(masks.shape[1:]))
-    n, p = flat.shape
-    if n == 0 or p == 0:
-        return torch.zeros(n, dtype=torch.int64, device=flat.device)
-    flat = flat.view(torch.uint8)
-    main = p - p % 255
-    total = flat[:, :main].reshape(n, main // 255, 255).sum(dim=2, dtype=torch.uint8).sum(dim=1)
-    if main < p:
-        total = total + flat[:, main:].sum(dim=1)
-    return total.to(torch.int64)
-
-
-def mask_iou_matrix(masks: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of boolean masks: ``I / (|a| + |b| - I + 1e-7)``.
-
-    Intersections come from matrix products of the float32 masks over pixel chunks of at most ``2**24`` pixels
-    (so each chunk's integer counts are exact in float32), accumulated in float64. The result is therefore exact
-    for any image size, and the final division is the same float64 operation as the reference loop's numpy
-    ``intersection / (union + 1e-7)``, so the two compare bit-identically against a threshold.
-
-    Args:
-        masks: ``(N, H, W)`` or ``(N, P)`` bool, on any device.
-
-    Returns:
-        ``(N, N)`` float64 IoU on the masks' device (diagonal 1 for non-empty masks, 0 for empty ones).
-    """
-    flat = _flatten_masks(masks)
-    n, p = flat.shape
-    inter = torch.zeros(n, n, dtype=torch.float64, device=flat.device)
-    if n == 0 or p == 0:
-        return inter
-    chunk = max(1, min(_EXACT_F32_COUNT, _CHUNK_ELEMENTS // n))
-    for start in range(0, p, chunk):
-        part = flat[:, start:start + chunk].to(torch.float32)
-        inter += (part @ part.T).to(torch.float64)
-    area = mask_areas(flat).to(torch.float64)
-    union = area[:, None] + area[None, :] - inter
-    return inter / (union + 1e-7)
+from model.mask_iou import flatten_masks, mask_areas, mask_iou_matrix
 
 
 def _check_candidates(masks: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> int:
@@ -131,7 +71,7 @@ def mask_nms(
         ``(K,)`` int64 indices into the inputs of the kept candidates, by descending score (ties by index),
         on the masks' device.
     """
-    _flatten_masks(masks)  # validates dtype and shape
+    flatten_masks(masks)  # validates dtype and shape
     n = _check_candidates(masks, scores, labels)
     if strategy not in ("auto", "matrix", "greedy"):
         raise ValueError(f"unknown NMS strategy {strategy!r}; use 'auto', 'matrix' or 'greedy'")
@@ -250,4 +190,4 @@ def greedy_mask_nms_loop(
     return kept_arr[np.argsort(-scores[kept_arr], kind="stable")] if len(kept_arr) else kept_arr
 
 
-__all__ = ["mask_areas", "mask_iou_matrix", "mask_nms", "greedy_mask_nms_loop"]
+__all__ = ["mask_nms", "greedy_mask_nms_loop"]

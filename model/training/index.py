@@ -218,7 +218,17 @@ def build_index(image_dirs: Sequence[str | Path], clip: ClipTowers, out_dir: str
         markers[i] = _build_shard(out_dir, i, shard_inputs[i], clip.visual, preprocess, device, dtype,
                                   batch_size, num_workers, settings_sha, bar)
     bar.close()
+    _write_manifest(out_dir, markers, len(paths), image_dirs, preprocess, checksum, shard_size, model_id)
+    return out_dir
 
+
+def _write_manifest(out_dir: Path, markers: Sequence[dict[str, Any] | None], num_paths: int,
+                    image_dirs: Sequence[str | Path], preprocess: ImagePreprocess, checksum: str, shard_size: int,
+                    model_id: str | None) -> None:
+    """Write ``manifest.json`` from the markers of all (complete) shards: what makes ``out_dir`` a finished index.
+
+    Raises ``ValueError`` (writing nothing) when none of the ``num_paths`` images could be read.
+    """
     shards, skipped, count, dim = [], [], 0, None
     for i, marker in enumerate(markers):
         assert marker is not None
@@ -228,13 +238,12 @@ def build_index(image_dirs: Sequence[str | Path], clip: ClipTowers, out_dir: str
         count += marker["count"]
         dim = marker["dim"] if marker["dim"] is not None else dim
     if count == 0:
-        raise ValueError(f"none of the {len(paths)} images could be read (see the warnings); no index written")
+        raise ValueError(f"none of the {num_paths} images could be read (see the warnings); no index written")
     manifest = {"format": INDEX_FORMAT, "model_id": model_id, "model_checksum": checksum,
                 "image_dirs": [os.path.abspath(d) for d in image_dirs], "image_size": preprocess.size,
                 "mean": list(preprocess.mean), "std": list(preprocess.std), "count": count, "dim": dim,
                 "dtype": "float16", "shard_size": shard_size, "shards": shards, "skipped": skipped}
     write_json_atomic(out_dir / MANIFEST, manifest)
-    return out_dir
 
 
 def _build_shard(out_dir: Path, i: int, inputs: list[str], visual: torch.nn.Module, preprocess: ImagePreprocess,

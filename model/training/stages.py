@@ -188,7 +188,7 @@ def validate_data_inputs(data: DataConfig, clip_weights: str) -> None:
     elif data.pseudo_mask_dir:
         dirs.append(("data.pseudo_mask_dir", data.pseudo_mask_dir))
     else:
-        from model.training.pseudo_mask import EXTRACTOR_NAMES
+        from model.training.pseudo_masks.features import EXTRACTOR_NAMES
 
         names = data.pseudo_masks.get("extractors", ["colour"])
         bad = [n for n in names if n not in EXTRACTOR_NAMES]
@@ -238,7 +238,7 @@ def prepare_training_data(data: DataConfig, vocabulary: Sequence[str], clip_weig
         provenance["masks"] = {"ground_truth": dict(data.ground_truth),
                                "sha256": file_sha256(data.ground_truth["annotations"])}
     else:
-        from model.training.pseudo_mask import load_pseudo_masks
+        from model.training.pseudo_masks.shards import load_pseudo_masks
 
         mask_dir = Path(data.pseudo_mask_dir) if data.pseudo_mask_dir else \
             _pseudo_mask_stage(data, retrieval, clip_weights, model_config, cache_dir, device, is_main, log)
@@ -301,7 +301,8 @@ def _pseudo_mask_stage(data: DataConfig, retrieval: dict[str, list[str]], clip_w
               **({"clip_weights": file_sha256(clip_file), "clip_model": clip_arch} if "clip" in names else {})}
 
     def build(out: Path) -> None:
-        from model.training.pseudo_mask import build_extractors, generate_pseudo_masks
+        from model.training.pseudo_masks.features import build_extractors
+        from model.training.pseudo_masks.shards import generate_pseudo_masks
 
         visual = _load_clip(clip_file, clip_arch, device).visual if "clip" in names else None
         extractors = build_extractors(names, clip_visual=visual, device=device, **weights)

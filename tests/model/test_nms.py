@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-import model.nms as nms
-from model.nms import greedy_mask_nms_loop, mask_areas, mask_iou_matrix, mask_nms
+import model.mask_iou
+from model.mask_iou import mask_areas, mask_iou_matrix
+from model.nms import greedy_mask_nms_loop, mask_nms
 
 
 def _numpy_iou(masks: np.ndarray) -> np.ndarray:
@@ -57,7 +58,7 @@ def test_mask_iou_matrix_matches_numpy():
 
 
 def test_mask_iou_matrix_chunked_accumulation_is_exact(monkeypatch):
-    monkeypatch.setattr(nms, "_EXACT_F32_COUNT", 7)  # forces 7-pixel chunks
+    monkeypatch.setattr(model.mask_iou, "_EXACT_F32_COUNT", 7)  # forces 7-pixel chunks
     rng = np.random.default_rng(1)
     masks = rng.random((5, 6, 10)) < 0.5
     np.testing.assert_array_equal(mask_iou_matrix(torch.from_numpy(masks)).numpy(), _numpy_iou(masks))

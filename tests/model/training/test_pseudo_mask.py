@@ -12,11 +12,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from model.training.pseudo_mask import (ClipPatchFeatures, ColourTextureFeatures, DinoFeatures, MocoFeatures,
-                               _eigenvectors_dense, filter_long_masks, generate_pseudo_masks, is_long_mask, kmeans,
-                               load_pseudo_masks, main, mask_iou, pairwise_iou, rgb_to_lab, salient_mask,
-                               spectral_candidates, spectral_embedding, vote)
+from model.mask_iou import mask_iou, pairwise_iou
 from model.rle import decode_rle
+from model.training.pseudo_masks.clustering import (_eigenvectors_dense, filter_long_masks, is_long_mask, kmeans,
+                                                   salient_mask, spectral_candidates, spectral_embedding, vote)
+from model.training.pseudo_masks.command import main
+from model.training.pseudo_masks.features import (ClipPatchFeatures, ColourTextureFeatures, DinoFeatures,
+                                                 MocoFeatures, rgb_to_lab)
+from model.training.pseudo_masks.shards import generate_pseudo_masks, load_pseudo_masks
 from tests.model.training.test_index import tiny_clip
 
 
