@@ -1,4 +1,7 @@
-"""``python -m model.pseudo_mask``: label-free salient-object pseudo-masks for retrieved images (the command keeps its name; the code lives in ``model.training.pseudo_masks``)."""
+"""``python -m model.pseudo_mask``: label-free salient-object pseudo-masks for retrieved images.
+
+The command keeps its name; the code lives in ``model.training.pseudo_masks``.
+"""
 
 from __future__ import annotations
 

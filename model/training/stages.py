@@ -44,7 +44,7 @@ class DataConfig:
     Images: build the stages (``index_dirs`` searched recursively, embedded with ``retrieval_clip_weights``), or
     give ``retrieval_file``, a finished ``{concept: [image paths]}`` JSON (the authors ship theirs). Masks:
     ``pseudo_mask_dir`` (finished), else generated with ``pseudo_masks`` (``extractors``: names from
-    ``model.pseudo_mask.EXTRACTOR_NAMES``, default ``["colour"]``; ``dino_weights`` / ``moco_weights`` files; other
+    ``model.training.pseudo_masks.features.EXTRACTOR_NAMES``, default ``["colour"]``; ``dino_weights`` / ``moco_weights`` files; other
     keys go to ``generate_pseudo_masks``; the "clip" extractor uses the retrieval CLIP); or ``ground_truth``
     (``{"annotations": COCO instances JSON, "image_dir": folder}``) in place of pseudo-masks (the "oracle").
     Retrieved images without a mask (a pseudo-mask failed, or absent from the ground truth) are left out.
