@@ -24,7 +24,7 @@ from safetensors import safe_open
 from model.checkpoint import file_sha256
 from model.clip_weights import load_clip
 from model.config import CLIP_MEAN, CLIP_STD, ModelConfig
-from model.training.copy_paste import annotations_from_coco, annotations_from_pseudo_masks
+from model.training.annotations import annotations_from_coco, annotations_from_pseudo_masks
 from model.training.files import folder_fingerprint
 from model.training.index import build_index
 from model.training.prompts import PROMPT_TEMPLATES
@@ -161,7 +161,7 @@ def prepare_world(world: WorldConfig, cache_dir: str | Path, log: Callable[[str]
 
 @dataclass
 class TrainingData:
-    """retrieval ``{concept: [paths]}``; annotations ``{path: [copy_paste.Instance]}``; provenance for export."""
+    """retrieval ``{concept: [paths]}``; annotations ``{path: [annotations.Instance]}``; provenance for export."""
 
     retrieval: dict[str, list[str]]
     annotations: dict[str, list[Any]]
