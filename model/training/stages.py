@@ -45,7 +45,7 @@ class DataConfig:
     Images: build the stages (``index_dirs`` searched recursively, embedded with ``retrieval_clip_weights``), or
     give ``retrieval_file``, a finished ``{concept: [image paths]}`` JSON (the authors ship theirs). Masks:
     ``pseudo_mask_dir`` (finished), else generated with ``pseudo_masks`` (``extractors``: names from
-    ``model.pseudo_mask.EXTRACTOR_NAMES``, default ``["colour"]``; ``dino_weights`` / ``moco_weights`` files; other
+    ``pseudo_mask.EXTRACTOR_NAMES``, default ``["colour"]``; ``dino_weights`` / ``moco_weights`` files; other
     keys go to ``generate_pseudo_masks``; the "clip" extractor uses the retrieval CLIP); or ``ground_truth``
     (``{"annotations": COCO instances JSON, "image_dir": folder}``) in place of pseudo-masks (the "oracle").
     Retrieved images without a mask (a pseudo-mask failed, or absent from the ground truth) are left out.
@@ -75,9 +75,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """A synthetic world built from nothing (the ``world`` section of a config; ``model.shapes``).
+    """A synthetic world built from nothing (the ``world`` section of a config; ``model.training.shapes``).
 
-    Stages: an unlabelled index of ``index_images`` scenes (``model.shapes.dataset.write_index``, hidden truth
+    Stages: an unlabelled index of ``index_images`` scenes (``shapes.dataset.write_index``, hidden truth
     beside it), ``val_scenes`` and ``test_scenes`` held-out evaluation scenes with 1-8 objects (separate seeds,
     so disjoint random streams; validation picks the exported score threshold, test gives the reported
     metrics), and a tiny CLIP pre-trained on all concepts with the recipe ``clip_recipe`` (its ``minutes`` or
