@@ -77,10 +77,12 @@ class SynthesisParams:
 
     @property
     def blur_kernel(self) -> int:
+        """The Gaussian blur kernel size in pixels (odd): ``blur_kernel_fraction`` of the crop."""
         return int(self.blur_kernel_fraction * self.crop_size // 2 * 2) + 1
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SynthesisParams":
+        """From a config's ``synthesis`` section; unknown keys are rejected."""
         reject_unknown_keys(d, cls, "synthesis parameter(s)")
         return cls(**d)
 
@@ -111,6 +113,7 @@ class TrainingBatch:
                              [lab.pin_memory() for lab in self.instance_labels])
 
     def to(self, device: torch.device | str) -> "TrainingBatch":
+        """The batch on ``device`` (copies to CUDA are non-blocking)."""
         nb = torch.device(device).type == "cuda"
         return TrainingBatch(self.images.to(device, non_blocking=nb), self.semantic.to(device, non_blocking=nb),
                              [m.to(device, non_blocking=nb) for m in self.instance_masks],

@@ -277,6 +277,8 @@ def _retrieval_stages(data: DataConfig, vocabulary: Sequence[str], clip_weights:
 def _pseudo_mask_stage(data: DataConfig, retrieval: dict[str, list[str]], clip_weights: str,
                        model_config: ModelConfig, cache_dir: Path, device: torch.device, is_main: bool,
                        log: Callable[[str], None]) -> Path:
+    """The pseudo-mask stage over every retrieved image, keyed by the paths, extractors, options and weight files;
+    returns its directory."""
     paths = sorted({p for ps in retrieval.values() for p in ps})
     options = dict(data.pseudo_masks)
     names = list(options.pop("extractors", ["colour"]))

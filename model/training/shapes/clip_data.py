@@ -25,7 +25,12 @@ TRAIN_STREAM = 0
 
 def caption_batches(recipe: ClipRecipe, world: ShapesWorld, start: int = 0,
                     prefetch: int = 3) -> Iterator[tuple[np.ndarray, list[str], list[tuple[int, ...]]]]:
-    """Batches for steps ``start, start + 1, ...`` rendered by one background thread (deterministic per step)."""
+    """Batches for steps ``start, start + 1, ...`` rendered by one background thread (deterministic per step).
+
+    Each is ``world.render_caption_batch``'s (images (B, S, S, 3) uint8, B captions, B sorted content tuples) with
+    B the recipe's ``batch_size``, S its ``image_size``, concepts from its ``train_split``; at most ``prefetch``
+    batches wait. Closing the generator stops the thread.
+    """
     pool = world.split_ids(recipe.train_split)
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
@@ -61,6 +66,7 @@ class CachedTokenizer:
         self._cache: dict[str, torch.Tensor] = {}
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        """N texts -> (N, context_length) int64 tokens, as open_clip's tokenizer gives them."""
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if missing:
             for t, row in zip(missing, self._tokenize(missing)):

@@ -312,6 +312,7 @@ class _Progress:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m model.shapes.clip_pretrain --config RECIPE --out FILE.safetensors [--minutes|--steps] [--seed]``."""
     parser = argparse.ArgumentParser(description="Pre-train the shapes world's tiny CLIP.")
     parser.add_argument("--config", type=Path, required=True, help="recipe JSON (model/configs/shapes_clip.json)")
     parser.add_argument("--out", type=Path, required=True, help="output .safetensors file")

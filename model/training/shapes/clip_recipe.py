@@ -75,10 +75,12 @@ class ClipRecipe:
 
     @property
     def image_size(self) -> int:
+        """The render size in pixels: the vision tower's ``image_size``."""
         size = self.model_config.open_clip_config()["vision_cfg"]["image_size"]
         return int(size if isinstance(size, int) else size[0])
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``from_dict`` reads it back)."""
         d = dataclasses.asdict(self)
         d["model_config"] = self.model_config.to_dict()
         d["objects_p"] = list(self.objects_p)
@@ -86,6 +88,7 @@ class ClipRecipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ClipRecipe":
+        """From the JSON form; unknown keys are rejected and ``model_config`` is required."""
         reject_unknown_keys(d, cls, "ClipRecipe field(s)")
         if "model_config" not in d:
             raise ValueError("a ClipRecipe needs a model_config")
@@ -93,6 +96,7 @@ class ClipRecipe:
 
     @classmethod
     def load(cls, path: str | Path) -> "ClipRecipe":
+        """Read a recipe JSON file (e.g. ``model/configs/shapes_clip.json``)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"CLIP recipe not found: {path}")

@@ -84,6 +84,7 @@ class ShapesWorld:
 
     @property
     def num_concepts(self) -> int:
+        """64: every colour with every shape."""
         return len(COLOURS) * len(SHAPES)
 
     def concept_name(self, concept_id: int) -> str:
@@ -101,10 +102,12 @@ class ShapesWorld:
                              f"{list(COLOURS)} and shapes {list(SHAPES)}") from None
 
     def colour_index(self, concept_id: int) -> int:
+        """The index (0..7) into ``COLOURS`` of concept ``concept_id`` (1..64)."""
         self.concept_name(concept_id)
         return (int(concept_id) - 1) // len(SHAPES)
 
     def shape_index(self, concept_id: int) -> int:
+        """The index (0..7) into ``SHAPES`` of concept ``concept_id`` (1..64)."""
         self.concept_name(concept_id)
         return (int(concept_id) - 1) % len(SHAPES)
 
