@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {"scenes": str(args.scenes), "input_size": args.input_size}
     if args.clip:
         from model.clip_weights import load_clip
-        from model.training.shapes.clip_pretrain import CachedTokenizer
+        from model.training.shapes.clip_data import CachedTokenizer
         from model.training.shapes.world import ShapesWorld
         from model.training.shapes.zero_shot import render_eval_set, text_separation, zero_shot_accuracy
 

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -21,7 +21,8 @@ from model.training.copy_paste import SynthesisParams
 from model.training.shapes import oracle as scene_oracle
 from model.training.shapes.oracle import LABELLINGS, labelling_vocabulary
 from model.training.shapes.world import ShapesWorld
-from model.training.stages import DataConfig, World, WorldConfig, run_stage, validate_data_inputs
+from model.training.stage_cache import run_stage
+from model.training.stages import DataConfig, World, WorldConfig, validate_data_inputs
 from model.vocabularies import load_vocabulary
 
 

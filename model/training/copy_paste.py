@@ -6,12 +6,17 @@ and paste the object pixels of sources ``2..n`` onto source 1 (the canvas, backg
 positions, later objects occluding earlier ones. Targets: a semantic map (0 background, concept ids ``1..C-1``,
 ``ignore_index`` on padding) and the instance stack (fully occluded instances stay as all-zero masks).
 
+This module owns the synthesis parameters, the dataset (source drawing, composition, targets), the batch types
+and the step sampler; the per-source augmentation is ``model.training.augment`` and the sources' objects
+(``Instance``, from pseudo-masks or ground truth) are ``model.training.annotations``.
+
 Every random choice of sample ``index`` comes from a numpy generator seeded by ``(seed, index)``, so a sample is a
 pure function of its index: the data stream is fixed by the sequence of indices (see ``StepBatchSampler``),
 whatever the number of loader workers, and resuming at step ``k`` only needs ``k``.
 
 Conscious changes from the release (reference §7.2):
-- the padding corner is uniform (each 0.25) instead of the release's skewed 0.25/0.19/0.14/0.42;
+- the padding corner is uniform (each 0.25) instead of the release's skewed 0.25/0.19/0.14/0.42 (in
+  ``augment_geometry``);
 - the pasted bounding box includes the object's last row and column (the release drops them);
 - an image retrieved under several concepts is labelled with the concept it was drawn under (the release labels
   it with the last such concept in config order, even when drawn from another concept's list).
@@ -25,11 +30,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from model.config import IMAGENET_MEAN, IMAGENET_STD, reject_unknown_keys
-from model.rle import decode_rle
-
-_PAD = -1  # instance-map value of padding pixels (becomes ignore_index in the semantic target)
+from model.training.annotations import Instance, rasterise_instances
+from model.training.augment import augment_geometry, augment_photometry
 
 
 @dataclass(frozen=True)
@@ -72,24 +77,14 @@ class SynthesisParams:
 
     @property
     def blur_kernel(self) -> int:
+        """The Gaussian blur kernel size in pixels (odd): ``blur_kernel_fraction`` of the crop."""
         return int(self.blur_kernel_fraction * self.crop_size // 2 * 2) + 1
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SynthesisParams":
+        """From a config's ``synthesis`` section; unknown keys are rejected."""
         reject_unknown_keys(d, cls, "synthesis parameter(s)")
         return cls(**d)
-
-
-@dataclass(frozen=True)
-class Instance:
-    """One object of a source image: a COCO RLE (``size`` = the image's [H, W]) and its concept id.
-
-    ``label_id`` None means "the concept the image was retrieved for" (pseudo-masks); ground-truth annotations
-    carry their own id (1-based into the training concepts).
-    """
-
-    rle: Mapping[str, Any]
-    label_id: int | None = None
 
 
 @dataclass
@@ -118,6 +113,7 @@ class TrainingBatch:
                              [lab.pin_memory() for lab in self.instance_labels])
 
     def to(self, device: torch.device | str) -> "TrainingBatch":
+        """The batch on ``device`` (copies to CUDA are non-blocking)."""
         nb = torch.device(device).type == "cuda"
         return TrainingBatch(self.images.to(device, non_blocking=nb), self.semantic.to(device, non_blocking=nb),
                              [m.to(device, non_blocking=nb) for m in self.instance_masks],
@@ -132,8 +128,6 @@ def collate_samples(samples: Sequence[TrainingSample]) -> TrainingBatch:
 
 def load_rgb(path: str) -> np.ndarray:
     """Read an image file as uint8 (H, W, 3) RGB."""
-    from PIL import Image
-
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
@@ -214,102 +208,6 @@ class AugmentedSource:
     labels: np.ndarray
 
 
-def rasterise_instances(instances: Sequence[Instance], size_hw: tuple[int, int], default_label: int,
-                        path: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """Instances -> (instance map (H,W) int64 with 0 background and ids 1..k, later ones on top; labels (k,))."""
-    instance_map = np.zeros(size_hw, dtype=np.int64)
-    labels = []
-    for inst in instances:
-        mask = decode_rle(dict(inst.rle))
-        if mask.shape != tuple(size_hw):
-            raise ValueError(f"{path}: mask size {mask.shape} does not match the image size {tuple(size_hw)}")
-        labels.append(default_label if inst.label_id is None else inst.label_id)
-        instance_map[mask] = len(labels)
-    return instance_map, np.asarray(labels, dtype=np.int64)
-
-
-def augment_geometry(image: np.ndarray, instance_map: np.ndarray, rng: np.random.Generator,
-                     p: SynthesisParams) -> tuple[np.ndarray, np.ndarray]:
-    """Rescale (relative to the original size), pad to >= crop, random crop, horizontal flip.
-
-    image uint8 (H,W,3) -> (S,S,3); instance_map int64 (H,W) -> (S,S) with padding = -1.
-    Image resize is PIL bilinear (as the release), the map nearest; padding uses the scaled image's mean colour.
-    """
-    from PIL import Image
-
-    h, w = instance_map.shape
-    s = rng.uniform(*p.scale_range)
-    nh, nw = max(1, int(h * s)), max(1, int(w * s))
-    image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
-    rows = np.minimum(((np.arange(nh) + 0.5) * h / nh).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(nw) + 0.5) * w / nw).astype(np.int64), w - 1)
-    instance_map = instance_map[rows[:, None], cols[None, :]]
-
-    crop = p.crop_size
-    if nh < crop or nw < crop:
-        ph, pw = max(crop, nh), max(crop, nw)
-        corner = int(rng.integers(4))  # uniform; the release's chained tests skew this (see module docstring)
-        top = 0 if corner in (0, 1) else ph - nh
-        left = 0 if corner in (0, 2) else pw - nw
-        fill = np.round(image.reshape(-1, 3).mean(axis=0)).astype(np.uint8)
-        padded = np.empty((ph, pw, 3), dtype=np.uint8)
-        padded[:] = fill
-        padded[top:top + nh, left:left + nw] = image
-        padded_map = np.full((ph, pw), _PAD, dtype=np.int64)
-        padded_map[top:top + nh, left:left + nw] = instance_map
-        image, instance_map = padded, padded_map
-
-    y0 = int(rng.integers(image.shape[0] - crop + 1))
-    x0 = int(rng.integers(image.shape[1] - crop + 1))
-    image, instance_map = image[y0:y0 + crop, x0:x0 + crop], instance_map[y0:y0 + crop, x0:x0 + crop]
-    if rng.random() < p.hflip_prob:
-        image, instance_map = image[:, ::-1], instance_map[:, ::-1]
-    return np.ascontiguousarray(image), np.ascontiguousarray(instance_map)
-
-
-def augment_photometry(image: np.ndarray, rng: np.random.Generator, p: SynthesisParams) -> torch.Tensor:
-    """Colour jitter (random order), grayscale, Gaussian blur, then mean/std normalisation.
-
-    image uint8 (S,S,3) -> float32 (3,S,S). Jitter and grayscale run on the uint8 PIL image, as in the release
-    (and ~10x faster than on float tensors); parameters are drawn from ``rng`` (torchvision's own random
-    transforms would use the global torch RNG, which a resumed or multi-worker run cannot reproduce).
-    """
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as TF
-
-    pil = Image.fromarray(image)
-    if rng.random() < p.jitter_prob:
-        b, c, s, hue = p.jitter
-        factors = [rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
-                   rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-hue, hue)]
-        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
-        for i in rng.permutation(4):
-            pil = ops[i](pil, float(factors[i]))
-    if rng.random() < p.grayscale_prob:
-        pil = TF.rgb_to_grayscale(pil, num_output_channels=3)
-    x = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    if rng.random() < p.blur_prob:
-        x = gaussian_blur(x, p.blur_kernel, float(rng.uniform(*p.blur_sigma)))
-    mean = torch.tensor(p.image_mean).view(3, 1, 1)
-    std = torch.tensor(p.image_std).view(3, 1, 1)
-    return ((x - mean) / std).contiguous()
-
-
-def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (C,H,W) float with reflect padding: torchvision's ``gaussian_blur`` kernel and
-    borders, as two 1-D convolutions (a 2-D 39x39 kernel is ~10x slower)."""
-    import torch.nn.functional as F
-
-    half = (kernel_size - 1) * 0.5
-    k = torch.exp(-0.5 * (torch.linspace(-half, half, kernel_size) / sigma) ** 2)
-    k = k / k.sum()
-    pad = kernel_size // 2
-    y = F.pad(x[:, None], [pad, pad, pad, pad], mode="reflect")  # channels as the batch: (C,1,H+2p,W+2p)
-    y = F.conv2d(y, k.view(1, 1, 1, -1))
-    y = F.conv2d(y, k.view(1, 1, -1, 1))
-    return y[:, 0]
-
-
 def compose(sources: Sequence[AugmentedSource], rng: np.random.Generator, p: SynthesisParams) -> TrainingSample:
     """Copy-paste the objects of ``sources[1:]`` onto ``sources[0]`` and build the targets.
 
@@ -370,49 +268,5 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
         return self.total_steps - self.start_step
 
 
-def annotations_from_pseudo_masks(pseudo_masks: Mapping[str, Mapping[str, Any]]) -> dict[str, list[Instance]]:
-    """``{path: rle}`` (one salient object per image) -> ``{path: [Instance(rle)]}`` labelled by retrieval."""
-    return {str(path): [Instance(rle)] for path, rle in pseudo_masks.items()}
-
-
-def annotations_from_coco(annotation_file: str | Path, image_dir: str | Path,
-                          concepts: Sequence[str]) -> dict[str, list[Instance]]:
-    """Ground-truth instances from a COCO instances JSON (the "oracle" masks), keyed by ``image_dir/file_name``.
-
-    Category names are matched to ``concepts`` exactly; instances of other categories are left out (their pixels
-    count as background). Polygon segmentations are converted to RLE.
-    """
-    import json
-
-    from pycocotools import mask as mask_utils
-
-    annotation_file = Path(annotation_file)
-    if not annotation_file.is_file():
-        raise FileNotFoundError(f"ground-truth annotation file not found: {annotation_file}")
-    coco = json.loads(annotation_file.read_text())
-    label_of_name = {c: i + 1 for i, c in enumerate(concepts)}
-    label_of_cat = {c["id"]: label_of_name.get(c["name"]) for c in coco["categories"]}
-    images = {im["id"]: im for im in coco["images"]}
-    out: dict[str, list[Instance]] = {str(Path(image_dir) / im["file_name"]): [] for im in images.values()}
-    for ann in coco["annotations"]:
-        label = label_of_cat.get(ann["category_id"])
-        if label is None:
-            continue
-        im = images[ann["image_id"]]
-        seg = ann["segmentation"]
-        h, w = im["height"], im["width"]
-        if isinstance(seg, list):
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-        elif isinstance(seg["counts"], list):
-            rle = mask_utils.frPyObjects(seg, h, w)
-        else:
-            rle = seg
-        counts = rle["counts"]
-        out[str(Path(image_dir) / im["file_name"])].append(
-            Instance({"size": [h, w], "counts": counts.decode() if isinstance(counts, bytes) else counts}, label))
-    return out
-
-
-__all__ = ["SynthesisParams", "Instance", "TrainingSample", "TrainingBatch", "CopyPasteDataset", "AugmentedSource",
-           "collate_samples", "rasterise_instances", "augment_geometry", "augment_photometry", "compose",
-           "gaussian_blur", "StepBatchSampler", "annotations_from_pseudo_masks", "annotations_from_coco", "load_rgb"]
+__all__ = ["SynthesisParams", "TrainingSample", "TrainingBatch", "CopyPasteDataset", "AugmentedSource",
+           "collate_samples", "compose", "StepBatchSampler", "load_rgb"]

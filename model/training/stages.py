@@ -1,37 +1,39 @@
-"""Content-keyed, resumable data stages (index -> retrieval -> pseudo-masks) for ``model.train``.
+"""The data stages of ``model.train``: what each stage computes and what its cache key is made of.
 
-A stage's output lives in ``cache_dir/<name>-<key>/`` where ``key`` hashes everything the output depends on: the
-stage's parameters, fingerprints of its input files, and the keys of the stages it reads. A directory with a
-``DONE`` marker is reused as it is; otherwise the stage is built into a temporary directory that is renamed into
-place only when complete, so an interrupted build is never mistaken for a finished one.
+``prepare_training_data`` runs the ZUTIS chain (index -> retrieval -> pseudo-masks, or ground-truth masks) from a
+``DataConfig`` and gathers what ``CopyPasteDataset`` needs (``TrainingData``); ``validate_data_inputs`` checks its
+files up front; ``clip_normalisation`` reads the normalisation a CLIP file's index must use. ``prepare_world``
+builds what a run "from nothing" starts with (``WorldConfig``: the shapes world's unlabelled index, validation and
+test scenes, and its tiny CLIP pre-trained on all concepts). Every stage is cached by
+``model.training.stage_cache`` under a key of its inputs (the dicts built here).
 
 Fingerprints: a file is hashed by content (SHA-256); an image folder by the sorted list of its files' relative
 paths, sizes and modification times (hashing the content of millions of images would take longer than the stage).
-
-``prepare_training_data`` runs the ZUTIS chain for ``model.train`` from a ``DataConfig``. ``prepare_world`` builds
-what a run "from nothing" starts with (``WorldConfig``: the shapes world's unlabelled index, validation and test
-scenes, and its tiny CLIP pre-trained on all concepts), as stages too.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from safetensors import safe_open
 
 from model.checkpoint import file_sha256
+from model.clip_weights import load_clip
 from model.config import CLIP_MEAN, CLIP_STD, ModelConfig
+from model.training.annotations import annotations_from_coco, annotations_from_pseudo_masks
 from model.training.files import folder_fingerprint
-
-DONE = "DONE"
-
+from model.training.index import build_index
+from model.training.prompts import PROMPT_TEMPLATES
+from model.training.pseudo_masks.features import EXTRACTOR_NAMES, build_extractors
+from model.training.pseudo_masks.shards import generate_pseudo_masks, load_pseudo_masks
+from model.training.retrieve import retrieve
+from model.training.shapes.clip_pretrain import pretrain_clip
+from model.training.shapes.dataset import write_eval_scenes, write_index
+from model.training.stage_cache import run_or_wait_for_stage, run_stage, stage_key
 
 _PSEUDO_MASK_KEYS = {"extractors", "dino_weights", "moco_weights", "ks", "max_tokens", "max_mask_side", "n_init",
                      "seed", "shard_size"}
@@ -44,8 +46,8 @@ class DataConfig:
     Images: build the stages (``index_dirs`` searched recursively, embedded with ``retrieval_clip_weights``), or
     give ``retrieval_file``, a finished ``{concept: [image paths]}`` JSON (the authors ship theirs). Masks:
     ``pseudo_mask_dir`` (finished), else generated with ``pseudo_masks`` (``extractors``: names from
-    ``model.training.pseudo_masks.features.EXTRACTOR_NAMES``, default ``["colour"]``; ``dino_weights`` / ``moco_weights`` files; other
-    keys go to ``generate_pseudo_masks``; the "clip" extractor uses the retrieval CLIP); or ``ground_truth``
+    ``model.training.pseudo_masks.features.EXTRACTOR_NAMES``, default ``["colour"]``; ``dino_weights`` /
+    ``moco_weights`` files; other keys go to ``generate_pseudo_masks``; the "clip" extractor uses the retrieval CLIP); or ``ground_truth``
     (``{"annotations": COCO instances JSON, "image_dir": folder}``) in place of pseudo-masks (the "oracle").
     Retrieved images without a mask (a pseudo-mask failed, or absent from the ground truth) are left out.
     """
@@ -74,9 +76,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """A synthetic world built from nothing (the ``world`` section of a config; ``model.shapes``).
+    """A synthetic world built from nothing (the ``world`` section of a config; ``model.training.shapes``).
 
-    Stages: an unlabelled index of ``index_images`` scenes (``model.shapes.dataset.write_index``, hidden truth
+    Stages: an unlabelled index of ``index_images`` scenes (``shapes.dataset.write_index``, hidden truth
     beside it), ``val_scenes`` and ``test_scenes`` held-out evaluation scenes with 1-8 objects (separate seeds,
     so disjoint random streams; validation picks the exported score threshold, test gives the reported
     metrics), and a tiny CLIP pre-trained on all concepts with the recipe ``clip_recipe`` (its ``minutes`` or
@@ -135,16 +137,14 @@ class World:
 def prepare_world(world: WorldConfig, cache_dir: str | Path, log: Callable[[str], None] = print) -> World:
     """Run (or reuse) the world's four stages; each is keyed by its own parameters only (the renderer is code:
     a change to it needs a new cache directory). The CLIP stage is keyed by the recipe file's content."""
-    from model.training.shapes import dataset
-
     cache_dir = Path(cache_dir)
     size = world.scene_size
     index = run_stage(cache_dir, "shapes_index", {"n": world.index_images, "seed": world.index_seed, "size": size},
-                      lambda out: dataset.write_index(out, world.index_images, world.index_seed, size=size), log)
+                      lambda out: write_index(out, world.index_images, world.index_seed, size=size), log)
     scenes = {}
     for split, n, seed in (("val", world.val_scenes, world.val_seed), ("test", world.test_scenes, world.test_seed)):
         scenes[split] = run_stage(cache_dir, f"shapes_{split}", {"n": n, "seed": seed, "size": size},
-                                  lambda out, n=n, seed=seed: dataset.write_eval_scenes(out, n, seed, size=size), log)
+                                  lambda out, n=n, seed=seed: write_eval_scenes(out, n, seed, size=size), log)
     if world.clip_weights is not None:
         return World(Path(world.clip_weights), index / "images", index / "truth" / "instances.json", scenes["val"],
                      scenes["test"])
@@ -152,8 +152,6 @@ def prepare_world(world: WorldConfig, cache_dir: str | Path, log: Callable[[str]
                    "steps": world.clip_steps, "seed": world.clip_seed}
 
     def build_clip(out: Path) -> None:
-        from model.training.shapes.clip_pretrain import pretrain_clip
-
         pretrain_clip(world.clip_recipe, out / "clip.safetensors", minutes=world.clip_minutes,
                       steps=world.clip_steps, seed=world.clip_seed, log=log)
 
@@ -164,7 +162,7 @@ def prepare_world(world: WorldConfig, cache_dir: str | Path, log: Callable[[str]
 
 @dataclass
 class TrainingData:
-    """retrieval ``{concept: [paths]}``; annotations ``{path: [copy_paste.Instance]}``; provenance for export."""
+    """retrieval ``{concept: [paths]}``; annotations ``{path: [annotations.Instance]}``; provenance for export."""
 
     retrieval: dict[str, list[str]]
     annotations: dict[str, list[Any]]
@@ -188,8 +186,6 @@ def validate_data_inputs(data: DataConfig, clip_weights: str) -> None:
     elif data.pseudo_mask_dir:
         dirs.append(("data.pseudo_mask_dir", data.pseudo_mask_dir))
     else:
-        from model.training.pseudo_masks.features import EXTRACTOR_NAMES
-
         names = data.pseudo_masks.get("extractors", ["colour"])
         bad = [n for n in names if n not in EXTRACTOR_NAMES]
         if bad or not names:
@@ -217,8 +213,6 @@ def prepare_training_data(data: DataConfig, vocabulary: Sequence[str], clip_weig
     ``vocabulary``: training concepts without "background". ``is_main`` False (torchrun ranks > 0) waits for
     rank 0's stages instead of building them.
     """
-    from model.training import copy_paste
-
     cache_dir = Path(cache_dir)
     provenance: dict[str, Any] = {}
     if data.retrieval_file:
@@ -233,16 +227,14 @@ def prepare_training_data(data: DataConfig, vocabulary: Sequence[str], clip_weig
         raise ValueError("the retrieval JSON must map each concept to a list of image paths")
     retrieval = {c: [str(p) for p in raw.get(c, [])] for c in vocabulary}
     if data.ground_truth:
-        annotations = copy_paste.annotations_from_coco(data.ground_truth["annotations"],
-                                                       data.ground_truth["image_dir"], vocabulary)
+        annotations = annotations_from_coco(data.ground_truth["annotations"],
+                                            data.ground_truth["image_dir"], vocabulary)
         provenance["masks"] = {"ground_truth": dict(data.ground_truth),
                                "sha256": file_sha256(data.ground_truth["annotations"])}
     else:
-        from model.training.pseudo_masks.shards import load_pseudo_masks
-
         mask_dir = Path(data.pseudo_mask_dir) if data.pseudo_mask_dir else \
             _pseudo_mask_stage(data, retrieval, clip_weights, model_config, cache_dir, device, is_main, log)
-        annotations = copy_paste.annotations_from_pseudo_masks(load_pseudo_masks(mask_dir))
+        annotations = annotations_from_pseudo_masks(load_pseudo_masks(mask_dir))
         provenance["masks"] = {"pseudo_mask_dir": str(mask_dir)}
     missing = sorted({p for paths in retrieval.values() for p in paths if p not in annotations})
     if missing:
@@ -271,26 +263,23 @@ def _retrieval_stages(data: DataConfig, vocabulary: Sequence[str], clip_weights:
     def clip() -> Any:
         return _load_clip(weights, arch, device)
 
-    def build_index(out: Path) -> None:
-        from model.training.index import build_index as build
-
-        build(list(data.index_dirs), clip(), out, model_id=Path(weights).name, mean=mean, std=std)
+    def build_index_stage(out: Path) -> None:
+        build_index(list(data.index_dirs), clip(), out, model_id=Path(weights).name, mean=mean, std=std)
 
     def build_retrieval(out: Path) -> None:
-        from model.training.prompts import PROMPT_TEMPLATES
-        from model.training.retrieve import retrieve
-
         templates = list(PROMPT_TEMPLATES) if data.retrieval_templates else ["{}"]
         result = retrieve(index_dir, list(vocabulary), clip(), n=data.retrieval_n, templates=templates)
         (out / "retrieval.json").write_text(json.dumps(result))
 
-    index_dir = _stage(cache_dir, "index", index_inputs, build_index, is_main, log)
-    return _stage(cache_dir, "retrieval", retrieval_inputs, build_retrieval, is_main, log)
+    index_dir = run_or_wait_for_stage(cache_dir, "index", index_inputs, build_index_stage, is_main, log)
+    return run_or_wait_for_stage(cache_dir, "retrieval", retrieval_inputs, build_retrieval, is_main, log)
 
 
 def _pseudo_mask_stage(data: DataConfig, retrieval: dict[str, list[str]], clip_weights: str,
                        model_config: ModelConfig, cache_dir: Path, device: torch.device, is_main: bool,
                        log: Callable[[str], None]) -> Path:
+    """The pseudo-mask stage over every retrieved image, keyed by the paths, extractors, options and weight files;
+    returns its directory."""
     paths = sorted({p for ps in retrieval.values() for p in ps})
     options = dict(data.pseudo_masks)
     names = list(options.pop("extractors", ["colour"]))
@@ -301,14 +290,11 @@ def _pseudo_mask_stage(data: DataConfig, retrieval: dict[str, list[str]], clip_w
               **({"clip_weights": file_sha256(clip_file), "clip_model": clip_arch} if "clip" in names else {})}
 
     def build(out: Path) -> None:
-        from model.training.pseudo_masks.features import build_extractors
-        from model.training.pseudo_masks.shards import generate_pseudo_masks
-
         visual = _load_clip(clip_file, clip_arch, device).visual if "clip" in names else None
         extractors = build_extractors(names, clip_visual=visual, device=device, **weights)
         generate_pseudo_masks(paths, extractors, out, **options)
 
-    return _stage(cache_dir, "pseudo_masks", inputs, build, is_main, log)
+    return run_or_wait_for_stage(cache_dir, "pseudo_masks", inputs, build, is_main, log)
 
 
 def clip_normalisation(path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -316,8 +302,6 @@ def clip_normalisation(path: str | Path) -> tuple[tuple[float, ...], tuple[float
     files (``zutis-clip/1`` safetensors, e.g. the shapes world's, pre-trained on inputs normalised with their
     ModelConfig's ``image_mean`` / ``image_std``) carry theirs; OpenAI / open_clip files use CLIP's."""
     if Path(path).suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if meta.get("format") == "zutis-clip/1" and "model_config" in meta:
@@ -334,71 +318,11 @@ def _retrieval_clip(data: DataConfig, clip_weights: str, model_config: ModelConf
 
 
 def _load_clip(path: str, arch: dict[str, Any] | None, device: torch.device) -> Any:
-    from model.clip_weights import load_clip
-
     towers = load_clip(path, ModelConfig.from_dict(arch) if arch else None)
     towers.visual.to(device)
     towers.text.to(device)
     return towers
 
 
-def _stage(cache_dir: Path, name: str, inputs: dict[str, Any], build: Callable[[Path], None], is_main: bool,
-           log: Callable[[str], None]) -> Path:
-    if is_main:
-        return run_stage(cache_dir, name, inputs, build, log=log)
-    return wait_for_stage(cache_dir, name, inputs)
-
-
-def stage_key(inputs: dict[str, Any]) -> str:
-    """A short content key (16 hex digits) of a JSON-serialisable description of a stage's inputs."""
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def stage_dir(cache_dir: str | Path, name: str, inputs: dict[str, Any]) -> Path:
-    return Path(cache_dir) / f"{name}-{stage_key(inputs)}"
-
-
-def is_done(directory: Path) -> bool:
-    return (directory / DONE).is_file()
-
-
-def run_stage(cache_dir: str | Path, name: str, inputs: dict[str, Any], build: Callable[[Path], None],
-              log: Callable[[str], None] = print) -> Path:
-    """Return the finished output directory of stage ``name`` for ``inputs``, building it with ``build(tmp_dir)``
-    only when no finished one exists. ``inputs.json`` records what the key was computed from."""
-    final = stage_dir(cache_dir, name, inputs)
-    if is_done(final):
-        log(f"stage {name}: cached at {final}")
-        return final
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    log(f"stage {name}: building {final}")
-    start = time.monotonic()
-    build(tmp)
-    (tmp / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))
-    (tmp / DONE).write_text(f"{time.monotonic() - start:.1f} s\n")
-    if final.exists():  # a stale, unfinished directory from an older layout
-        shutil.rmtree(final)
-    tmp.rename(final)
-    log(f"stage {name}: done in {time.monotonic() - start:.1f} s")
-    return final
-
-
-def wait_for_stage(cache_dir: str | Path, name: str, inputs: dict[str, Any], poll_seconds: float = 10.0,
-                   timeout_seconds: float | None = None) -> Path:
-    """Block until another process (rank 0) has finished the stage; used by the other ranks under torchrun, which
-    poll the file system rather than sit in a collective that would time out during an hours-long stage."""
-    final = stage_dir(cache_dir, name, inputs)
-    start = time.monotonic()
-    while not is_done(final):
-        if timeout_seconds is not None and time.monotonic() - start > timeout_seconds:
-            raise TimeoutError(f"stage {name} did not finish within {timeout_seconds} s: {final}")
-        time.sleep(poll_seconds)
-    return final
-
-
 __all__ = ["DataConfig", "WorldConfig", "World", "prepare_world", "TrainingData", "prepare_training_data",
-           "validate_data_inputs", "clip_normalisation", "stage_key", "stage_dir",
-           "is_done", "run_stage", "wait_for_stage"]
+           "validate_data_inputs", "clip_normalisation"]

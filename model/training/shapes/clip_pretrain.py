@@ -1,8 +1,11 @@
-"""Contrastive pre-training of a tiny open_clip CLIP on shapes-world caption pairs (this world's OpenAI CLIP).
+"""Contrastive pre-training of a tiny open_clip CLIP on shapes-world caption pairs (this world's OpenAI CLIP): the
+towers, the optimisation step, the training loop and the command.
 
-Reads top to bottom: recipe, setup, data (rendered on the fly in a background thread), model, one loop with
-periodic zero-shot evaluation, then the final evaluation and the weight file (``model.clip_weights.save_clip``:
-safetensors with ``model_config``, ``recipe`` and ``metrics`` metadata).
+Reads top to bottom: the pieces (towers, learning-rate schedule, CPU knobs, one optimisation step, the optimiser),
+then the run: one loop with periodic zero-shot evaluation, the final evaluation and the weight file
+(``model.clip_weights.save_clip``: safetensors with ``model_config``, ``recipe`` and ``metrics`` metadata). The
+recipe is ``clip_recipe.ClipRecipe``, the data stream (rendered on the fly in a background thread) ``clip_data``,
+the losses ``clip_losses``.
 
     OMP_WAIT_POLICY=PASSIVE MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 \\
         python -m model.shapes.clip_pretrain --config model/configs/shapes_clip.json --out runs/shapes/clip.safetensors
@@ -16,17 +19,14 @@ Choices worth knowing (shared/docs/shapes-notes.md has the prototype these follo
   other grids stays meaningful; ``"random"`` keeps open_clip's random init.
 - Captions are listed objects under a few templates, bare names included ("red circle": ZUTIS embeds raw
   category names) and ``"background"`` for clutter-only images (ZUTIS's category 0).
-- The dense patch-to-concept term (``dense_weight`` > 0, ``dense_concept_loss``; the shipped recipe uses it) asks
-  that some projected patch token match each concept the caption names, with captions only, never masks: the
-  contrastive loss alone teaches shape to the pooled embedding but hardly to the patch tokens that ZUTIS reads
-  (docs/benchmarks.md, rung R1).
-- Several images in a batch often show the same concepts. The loss treats every image/caption pair with the
-  same content as a positive (uniform soft targets over them) instead of pushing identical captions apart.
-- Determinism: step ``s`` renders from ``numpy.random.default_rng([seed, 0, s])``, the weights are initialised
-  from ``torch.manual_seed(seed)``, so a run with ``steps`` set is reproducible on the same machine and thread
-  count. With a ``minutes`` budget the step count is estimated from the measured speed (re-estimated every 25
-  steps while the run is in its first half, so the cosine schedule may shift a little then) and recorded in the
-  metadata; ``--steps`` gives a reproducible run.
+- The loss (``clip_losses``, whose docstring says why): CLIP's contrastive loss with every image/caption pair of
+  the same content as a positive, plus, with ``dense_weight`` > 0 (the shipped recipe), the dense
+  patch-to-concept term ``dense_concept_loss``, which needs captions only, never masks.
+- Determinism: step ``s`` renders from ``numpy.random.default_rng([seed, 0, s])`` (``clip_data``), the weights
+  are initialised from ``torch.manual_seed(seed)``, so a run with ``steps`` set is reproducible on the same
+  machine and thread count. With a ``minutes`` budget the step count is estimated from the measured speed
+  (re-estimated every 25 steps while the run is in its first half, so the cosine schedule may shift a little
+  then) and recorded in the metadata; ``--steps`` gives a reproducible run.
 - CPU speed traps: denormals are flushed (``torch.set_flush_denormal``) and glibc's malloc is told, via
   ``mallopt``, to keep large blocks mapped (the same as the MALLOC_* variables above, which you can set too).
   On a CPU shared with other busy processes, OpenMP's default spin-waiting made 2-thread steps ~5x slower
@@ -41,122 +41,39 @@ import dataclasses
 import json
 import math
 import os
-import queue
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
-from model.backbone import build_text_tower, build_tokenizer, build_vision_tower
+from model.backbone import build_text_tower, build_vision_tower
 from model.clip_weights import ClipTowers, save_clip
-from model.config import ModelConfig, reject_unknown_keys
+from model.config import ModelConfig
 from model.training.runtime import tune_cpu_allocator
-from model.training.shapes.world import ShapesWorld, caption, render_caption_batch
+from model.training.shapes.clip_data import CachedTokenizer, caption_batches
+from model.training.shapes.clip_losses import concept_targets, content_groups, contrastive_loss, dense_concept_loss
+from model.training.shapes.clip_recipe import ClipRecipe
+from model.training.shapes.world import ShapesWorld, caption
 from model.training.shapes.zero_shot import (encode_image_and_tokens, final_metrics, images_to_tensor, render_eval_set,
-                                    zero_shot_accuracy)
+                                             zero_shot_accuracy)
 
-TRAIN_STREAM = 0
 _ENV_HINTS = {"OMP_WAIT_POLICY": "PASSIVE", "MALLOC_MMAP_THRESHOLD_": "33554432",
               "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 _NO_DECAY = ("token_embedding", "positional_embedding", "class_embedding")
 
 
-@dataclass(frozen=True)
-class ClipRecipe:
-    """Everything a pre-training run depends on. ``steps`` (if set) wins over ``minutes``.
-
-    The image size is the vision tower's ``image_size``. ``objects_p[k]`` is the probability of ``k + 1`` objects
-    in a non-empty image; ``empty_p`` that of a clutter-only image. ``train_split`` ("all" or "seen") restricts
-    the concepts the CLIP ever sees (real CLIP saw everything; "seen" tests compositional generalisation).
-    ``eval_every`` is in steps; evaluation uses ``eval_per_concept`` fresh single-object images per concept,
-    the final one ``final_eval_per_concept``. ``dense_weight`` > 0 adds the dense patch-to-concept term
-    (``dense_concept_loss``, soft maximum with temperature ``dense_tau``) with that weight; 0 is contrastive only.
-    """
-
-    model_config: ModelConfig
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    minutes: float | None = 10.0
-    steps: int | None = None
-    objects_p: tuple[float, ...] = (0.8, 0.12, 0.08)
-    empty_p: float = 0.05
-    train_split: str = "all"
-    pos_init: str = "sincos"
-    grad_clip: float | None = None
-    dense_weight: float = 0.0
-    dense_tau: float = 10.0
-    eval_every: int = 100
-    eval_per_concept: int = 8
-    final_eval_per_concept: int = 16
-    threads: int = 2
-    seed: int = 0
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.model_config, dict):
-            object.__setattr__(self, "model_config", ModelConfig.from_dict(self.model_config))
-        object.__setattr__(self, "objects_p", tuple(float(p) for p in self.objects_p))
-        if self.steps is None and self.minutes is None:
-            raise ValueError("ClipRecipe needs steps or minutes")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.minutes is not None and not self.minutes > 0:
-            raise ValueError(f"minutes must be > 0, got {self.minutes}")
-        for name in ("batch_size", "eval_every", "eval_per_concept", "final_eval_per_concept", "threads"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise ValueError("a contrastive batch needs at least 2 images")
-        if self.pos_init not in ("sincos", "random"):
-            raise ValueError(f"pos_init must be 'sincos' or 'random', got {self.pos_init!r}")
-        if self.train_split not in ("all", "seen"):
-            raise ValueError(f"train_split must be 'all' or 'seen', got {self.train_split!r}")
-        if not (self.dense_weight >= 0 and self.dense_tau > 0):
-            raise ValueError(f"need dense_weight >= 0 and dense_tau > 0, got {self.dense_weight}, {self.dense_tau}")
-        if not (self.lr > 0 and self.weight_decay >= 0 and self.warmup_steps >= 0):
-            raise ValueError("need lr > 0, weight_decay >= 0 and warmup_steps >= 0")
-
-    @property
-    def image_size(self) -> int:
-        size = self.model_config.open_clip_config()["vision_cfg"]["image_size"]
-        return int(size if isinstance(size, int) else size[0])
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["model_config"] = self.model_config.to_dict()
-        d["objects_p"] = list(self.objects_p)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClipRecipe":
-        reject_unknown_keys(d, cls, "ClipRecipe field(s)")
-        if "model_config" not in d:
-            raise ValueError("a ClipRecipe needs a model_config")
-        return cls(**d)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ClipRecipe":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"CLIP recipe not found: {path}")
-        return cls.from_dict(json.loads(path.read_text()))
-
-
-# -- pieces (pure functions; each tested) ------------------------------------------------------------------------
+# -- pieces (each tested) ----------------------------------------------------------------------------------------
 
 def build_clip(config: ModelConfig, pos_init: str = "sincos", seed: int = 0) -> ClipTowers:
     """Both towers, randomly initialised from ``seed``; with ``pos_init="sincos"`` the vision positional embedding
     (1 + g*g, width) starts as open_clip's 2-D sin-cos table (CLS row zero) and stays learnable."""
-    from open_clip.pos_embed import get_2d_sincos_pos_embed
+    from open_clip.pos_embed import get_2d_sincos_pos_embed  # deferred: open_clip takes seconds to import
 
     torch.manual_seed(seed)
     visual, text = build_vision_tower(config), build_text_tower(config)
@@ -170,53 +87,6 @@ def build_clip(config: ModelConfig, pos_init: str = "sincos", seed: int = 0) -> 
     return ClipTowers(config, visual, text)
 
 
-def contrastive_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: torch.Tensor,
-                     group_ids: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE with soft targets: pairs (i, j) with ``group_ids[i] == group_ids[j]`` are positives.
-
-    ``image_embeddings``, ``text_embeddings``: (B, E) unit-norm. ``logit_scale``: scalar, log of the inverse
-    temperature. ``group_ids``: (B,) int, equal for images of equal content. With all ids distinct this is
-    CLIP's loss. Returns a scalar (mean over both directions).
-    """
-    logits = logit_scale.exp() * image_embeddings @ text_embeddings.t()
-    same = (group_ids[:, None] == group_ids[None, :]).float()
-    targets = same / same.sum(dim=1, keepdim=True)  # symmetric, so it serves both directions
-    loss_i = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-    loss_t = -(targets * F.log_softmax(logits.t(), dim=1)).sum(dim=1).mean()
-    return (loss_i + loss_t) / 2
-
-
-def dense_concept_loss(tokens: torch.Tensor, concept_embeddings: torch.Tensor, targets: torch.Tensor,
-                       logit_scale: torch.Tensor, tau: float = 10.0) -> torch.Tensor:
-    """The dense patch-to-concept term: a multiple-instance loss that needs captions only, no masks.
-
-    ``tokens``: (B, N, E) unit-norm projected patch tokens; ``concept_embeddings``: (K, E) unit-norm text
-    embeddings of the K concept names; ``targets``: (B, K), each row uniform over the concepts visible in the
-    image (rows of zeros, clutter-only images, are skipped); ``logit_scale``: scalar log inverse temperature.
-    Each concept's score in an image is the soft maximum over patches of the patch-concept cosine,
-    ``(logsumexp(tau * s) - log N) / tau``, so that some patch must match every named concept and no patch need
-    match an absent one; softmax cross-entropy over the K concepts against ``targets``. Returns a scalar (0 when
-    no row has a target).
-    """
-    n = tokens.shape[1]
-    cosine = tokens @ concept_embeddings.t()  # (B, N, K)
-    pooled = (torch.logsumexp(tau * cosine, dim=1) - math.log(n)) / tau  # (B, K)
-    keep = targets.sum(dim=1) > 0
-    if not bool(keep.any()):
-        return pooled.sum() * 0.0
-    log_p = F.log_softmax(logit_scale.exp() * pooled[keep], dim=1)
-    return -(targets[keep] * log_p).sum(dim=1).mean()
-
-
-def concept_targets(contents: Sequence[tuple[int, ...]], num_concepts: int) -> torch.Tensor:
-    """(B, K) float: row b uniform over the concept ids (1..K) in ``contents[b]``, zeros for an empty image."""
-    targets = torch.zeros(len(contents), num_concepts)
-    for b, ids in enumerate(contents):
-        if ids:
-            targets[b, [i - 1 for i in set(ids)]] = 1.0 / len(set(ids))
-    return targets
-
-
 def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int) -> float:
     """Linear warm-up from ``peak / warmup_steps`` to ``peak`` over ``warmup_steps``, then cosine decay to 0 at
     ``total_steps``. ``step`` counts from 0."""
@@ -227,64 +97,11 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int) -
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class CachedTokenizer:
-    """open_clip's tokenizer with a per-string cache (the shapes world has a few thousand distinct captions)."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        self._tokenize = build_tokenizer(config)
-        self._cache: dict[str, torch.Tensor] = {}
-
-    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if missing:
-            for t, row in zip(missing, self._tokenize(missing)):
-                self._cache[t] = row
-        return torch.stack([self._cache[t] for t in texts])
-
-
-# -- data --------------------------------------------------------------------------------------------------------
-
-def caption_batches(recipe: ClipRecipe, world: ShapesWorld, start: int = 0,
-                    prefetch: int = 3) -> Iterator[tuple[np.ndarray, list[str], list[tuple[int, ...]]]]:
-    """Batches for steps ``start, start + 1, ...`` rendered by one background thread (deterministic per step)."""
-    pool = world.split_ids(recipe.train_split)
-    q: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-
-    def work() -> None:
-        step = start
-        while not stop.is_set():
-            rng = np.random.default_rng([recipe.seed, TRAIN_STREAM, step])
-            item = render_caption_batch(rng, recipe.batch_size, recipe.image_size, pool, recipe.objects_p,
-                                        recipe.empty_p, world)
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            step += 1
-
-    thread = threading.Thread(target=work, name="shapes-render", daemon=True)
-    thread.start()
-    try:
-        while True:
-            yield q.get()
-    finally:
-        stop.set()
-
-
 def tune_cpu(threads: int) -> None:
     """Set the CPU knobs the prototype found essential: thread count, flushed denormals, glibc malloc thresholds."""
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     tune_cpu_allocator()
-
-
-def content_groups(contents: Sequence[tuple[int, ...]]) -> torch.Tensor:
-    """(B,) int64 group ids, equal exactly for equal contents (e.g. the sorted concept ids in each image)."""
-    index = {c: i for i, c in enumerate(dict.fromkeys(contents))}
-    return torch.tensor([index[c] for c in contents], dtype=torch.int64)
 
 
 def train_step(towers: ClipTowers, logit_scale: nn.Parameter, optimizer: torch.optim.Optimizer,
@@ -379,32 +196,48 @@ def train_clip(recipe: ClipRecipe, log: Callable[[str], None] = print,
         done = step + 1
         if budget_s is not None and done % 25 == 0 and (not estimated or done < total / 2):
             # wall-clock budget: (re-)estimate the step count from the speed so far, only in the run's first half
-            elapsed = time.perf_counter() - start
-            per_step = (elapsed - eval_seconds) / done
-            total = max(done + 1, recipe.warmup_steps + 1, done + int((budget_s - elapsed) / per_step))
+            total = _steps_in_budget(done, time.perf_counter() - start, eval_seconds, budget_s, recipe.warmup_steps)
             estimated = True
         if done % recipe.eval_every == 0 or done == total:
             t0 = time.perf_counter()
             metrics = zero_shot_accuracy(towers, tokenizer, eval_images, eval_labels, world)
             eval_seconds += time.perf_counter() - t0
-            entry = {"step": done, "seconds": round(time.perf_counter() - start, 1), "loss": round(last_loss, 4),
-                     "logit_scale": round(float(logit_scale.detach().exp()), 2),
-                     **{k: round(v, 4) for k, v in metrics.items()}}
-            curve.append(entry)
-            bar.write(_format_eval(entry))
+            curve.append(_curve_entry(done, time.perf_counter() - start, last_loss, logit_scale, metrics))
+            bar.write(_format_eval(curve[-1]))
         bar.update(done, total, last_loss, lr)
     batches.close()
     bar.close()
     seconds = time.perf_counter() - start
     towers.visual.eval()
     towers.text.eval()
-    final = final_metrics(towers, tokenizer, recipe.image_size, recipe.final_eval_per_concept, recipe.seed, world)
-    log("final (fresh images): " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                             for k, v in final.items()))
+    final = _final_evaluation(towers, tokenizer, recipe, world, log)
     metrics = {"curve": curve, "final": final, "steps": total, "seconds": round(seconds, 1),
                "train_seconds_per_step": round((seconds - eval_seconds) / total, 4),
                "logit_scale": round(float(logit_scale.detach().exp()), 3)}
     return towers, metrics
+
+
+def _steps_in_budget(done: int, elapsed: float, eval_seconds: float, budget_s: float, warmup_steps: int) -> int:
+    """The step count that fills ``budget_s`` seconds at the training speed of the ``done`` steps so far
+    (evaluation time excluded); at least one more step and one past the warm-up."""
+    per_step = (elapsed - eval_seconds) / done
+    return max(done + 1, warmup_steps + 1, done + int((budget_s - elapsed) / per_step))
+
+
+def _curve_entry(done: int, seconds: float, loss: float, logit_scale: nn.Parameter,
+                 metrics: dict[str, float]) -> dict[str, Any]:
+    """One point of the training curve: step, wall-clock seconds, loss, logit scale and zero-shot accuracies."""
+    return {"step": done, "seconds": round(seconds, 1), "loss": round(loss, 4),
+            "logit_scale": round(float(logit_scale.detach().exp()), 2), **{k: round(v, 4) for k, v in metrics.items()}}
+
+
+def _final_evaluation(towers: ClipTowers, tokenizer: CachedTokenizer, recipe: ClipRecipe, world: ShapesWorld,
+                      log: Callable[[str], None]) -> dict[str, Any]:
+    """``zero_shot.final_metrics`` on a fresh evaluation set of the recipe's size, logged on one line."""
+    final = final_metrics(towers, tokenizer, recipe.image_size, recipe.final_eval_per_concept, recipe.seed, world)
+    log("final (fresh images): " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in final.items()))
+    return final
 
 
 def pretrain_clip(recipe: ClipRecipe | str | Path, out: str | Path, *, minutes: float | None = None,
@@ -452,8 +285,6 @@ class _Progress:
         self.start = self.last = time.perf_counter()
         self.bar = None
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
 
     def update(self, done: int, total: int, loss: float, lr: float) -> None:
@@ -481,6 +312,7 @@ class _Progress:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m model.shapes.clip_pretrain --config RECIPE --out FILE.safetensors [--minutes|--steps] [--seed]``."""
     parser = argparse.ArgumentParser(description="Pre-train the shapes world's tiny CLIP.")
     parser.add_argument("--config", type=Path, required=True, help="recipe JSON (model/configs/shapes_clip.json)")
     parser.add_argument("--out", type=Path, required=True, help="output .safetensors file")

@@ -9,8 +9,10 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from model.training.copy_paste import (AugmentedSource, CopyPasteDataset, Instance, StepBatchSampler, SynthesisParams,
-                              annotations_from_coco, augment_geometry, collate_samples, compose)
+from model.training.annotations import Instance, annotations_from_coco
+from model.training.augment import augment_geometry
+from model.training.copy_paste import (AugmentedSource, CopyPasteDataset, StepBatchSampler, SynthesisParams,
+                                       collate_samples, compose)
 
 
 def _rle(mask: np.ndarray) -> dict:

@@ -13,8 +13,8 @@ from PIL import Image
 from model.config import tiny_test_config
 from model.checkpoint import file_sha256
 from model.training.files import folder_fingerprint
-from model.training.stages import (DataConfig, prepare_training_data, run_stage, stage_dir,
-                          validate_data_inputs)
+from model.training.stage_cache import run_stage, stage_dir
+from model.training.stages import DataConfig, prepare_training_data, validate_data_inputs
 
 
 def test_run_stage_builds_once_per_content_key(tmp_path):

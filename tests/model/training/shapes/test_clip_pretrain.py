@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from model.clip_weights import load_clip, save_clip
 from model.config import tiny_test_config
-from model.training.shapes.clip_pretrain import (ClipRecipe, build_clip, concept_targets, content_groups, contrastive_loss,
-                                        dense_concept_loss, learning_rate, main, pretrain_clip, train_clip)
+from model.training.shapes.clip_losses import concept_targets, content_groups, contrastive_loss, dense_concept_loss
+from model.training.shapes.clip_pretrain import build_clip, learning_rate, main, pretrain_clip, train_clip
+from model.training.shapes.clip_recipe import ClipRecipe
 from model.training.shapes.world import ShapesWorld
 
 RECIPE_PATH = Path(__file__).resolve().parents[4] / "model" / "configs" / "shapes_clip.json"

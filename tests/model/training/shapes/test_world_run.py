@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model.config import tiny_test_config
-from model.training.shapes.clip_pretrain import ClipRecipe
+from model.training.shapes.clip_recipe import ClipRecipe
 from model.training.shapes.world import ShapesWorld
 from model.training.stages import WorldConfig, prepare_world
 from model.train import main
