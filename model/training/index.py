@@ -29,9 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
 
-from model.clip_weights import ClipTowers
-from model.config import CLIP_MEAN, CLIP_STD
+from model.clip_weights import ClipTowers, load_clip
+from model.config import CLIP_MEAN, CLIP_STD, ModelConfig
 from model.training.files import IMAGE_SUFFIXES, is_image_file, write_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -80,8 +82,6 @@ class ImagePreprocess:
     std: tuple[float, float, float] = CLIP_STD
 
     def __call__(self, image: Any) -> torch.Tensor:
-        from PIL import Image
-
         image = image.convert("RGB")
         w, h = image.size
         s = self.size
@@ -109,8 +109,6 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        from PIL import Image
-
         path = self.paths[i]
         try:
             if "\n" in path or "\r" in path:
@@ -183,8 +181,6 @@ def build_index(image_dirs: Sequence[str | Path], clip: ClipTowers, out_dir: str
         ``out_dir`` as a ``Path``. Embeddings are fp32-normalised then stored as float16 ``(n, E)`` per shard.
         Unreadable images are skipped with a logged warning and listed under ``"skipped"`` in the manifest.
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be positive, got {batch_size} and {shard_size}")
     paths = list_images(image_dirs)  # raises before any model work on missing or empty folders
@@ -345,9 +341,6 @@ def check_clip_file(args: argparse.Namespace) -> None:
 
 def load_clip_from_arguments(args: argparse.Namespace) -> ClipTowers:
     """Load the CLIP named by ``add_clip_arguments``'s options onto ``args.device``."""
-    from model.clip_weights import load_clip
-    from model.config import ModelConfig
-
     check_clip_file(args)
     config = ModelConfig(clip_model=args.clip_arch) if args.clip_arch else None
     clip = load_clip(args.clip, config)

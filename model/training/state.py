@@ -2,8 +2,8 @@
 
 The file is a ``torch.save`` dict of tensors, numbers, strings, lists and dicts only, so it loads with
 ``torch.load(weights_only=True)`` (nothing unpickled). The learning-rate schedule and the data stream are pure
-functions of the step (``model.train.poly_lr``, ``model.copy_paste.StepBatchSampler``), so the step *is* their
-state; the RNG states cover everything else that draws random numbers.
+functions of the step (``model.training.optim.poly_lr``, ``model.training.copy_paste.StepBatchSampler``), so the
+step *is* their state; the RNG states cover everything else that draws random numbers.
 """
 
 from __future__ import annotations

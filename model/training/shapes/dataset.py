@@ -35,6 +35,8 @@ from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
 
 from model.training.shapes.world import COLOURS, SHAPES, Scene, ShapesWorld, render_scene
 
@@ -52,8 +54,6 @@ def coco_categories(world: ShapesWorld) -> list[dict[str, Any]]:
 
 def coco_annotations(scene: Scene, image_id: int, first_id: int) -> list[dict[str, Any]]:
     """COCO annotation records of a scene's visible masks, ids ``first_id, first_id + 1, ...``."""
-    from pycocotools import mask as mask_utils  # deferred: only needed when writing ground truth
-
     records = []
     for k, (mask, cid) in enumerate(zip(scene.masks, scene.concept_ids)):
         rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
@@ -150,8 +150,6 @@ def _write_json(path: Path, info: dict[str, Any], images: list, annotations: lis
 def _progress(it: range, enabled: bool, desc: str):
     if not enabled:
         return it
-    from tqdm import tqdm
-
     return tqdm(it, desc=desc, unit="img", mininterval=2.0)
 
 

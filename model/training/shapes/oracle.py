@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from model.training.shapes.dataset import write_eval_scenes
 from model.training.shapes.world import COLOURS, SHAPES, ShapesWorld
 
 LABELLINGS = ("colour", "concept")
@@ -93,8 +94,6 @@ def write_training_scenes(out_dir: str | Path, n_scenes: int, seed: int, labels:
     """Render ``n_scenes`` training scenes (``write_eval_scenes`` with ``seed``), relabel them and write the
     ``retrieval.json`` that ``model.train`` reads as a finished retrieval (see the module doc). Returns ``out_dir``.
     """
-    from model.training.shapes.dataset import write_eval_scenes
-
     out_dir = Path(out_dir)
     write_eval_scenes(out_dir / "scenes", n_scenes, seed, size=size, objects=tuple(objects), progress=progress)
     write_relabelled_scenes(out_dir / "scenes", out_dir, labels)

@@ -1,5 +1,6 @@
-"""A run from nothing: the ``world`` section's cached stages (model.stages.prepare_world), how they fill in a
-training config (model.training.config.with_world), and a tiny end-to-end ``python -m model.train`` on the shapes world."""
+"""A run from nothing: the ``world`` section's cached stages (model.training.stages.prepare_world), how they fill
+in a training config (model.training.config.with_world), and a tiny end-to-end ``python -m model.train`` on the
+shapes world."""
 
 from __future__ import annotations
 
