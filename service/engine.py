@@ -38,7 +38,7 @@ from model.config import InferenceParams
 from model.embedding_cache import TextEmbeddingCache
 from model.network import ZUTISOutput
 from model.predictor import PreparedImage, Predictor
-from model.schema import SemanticFormat, Timings, build_response
+from service.schema import SemanticFormat, Timings, build_response
 from service.errors import ServiceError
 from service.metrics import Metrics
 

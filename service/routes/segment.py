@@ -11,7 +11,7 @@ from fastapi.responses import Response
 
 from model.config import InferenceParams
 from model.predictor import PreparedImage, Predictor
-from model.schema import SegmentResponse, SemanticFormat
+from service.schema import SegmentResponse, SemanticFormat
 from service.auth import ApiKey
 from service.concepts import parse_concepts
 from service.dependencies import EngineDep, MetricsDep, SettingsDep

@@ -6,7 +6,7 @@ from pycocotools import mask as mask_utils
 
 from model.embedding_cache import TextEmbeddingCache
 from model.predictor import Predictor, resolve_dtype
-from model.schema import SegmentResponse, build_response
+from service.schema import SegmentResponse, build_response
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from model.schema import build_response
+from service.schema import build_response
 from service.engine import Engine, EngineConfig, Job
 from service.errors import ServiceError
 from service.metrics import Metrics

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from model.schema import SegmentResponse
 from service.errors import ERROR_STATUS
+from service.schema import SegmentResponse
 
 EXAMPLES = int(os.environ.get("ZUTIS_FUZZ_EXAMPLES", "0")) or None
 FUZZ = settings(max_examples=EXAMPLES or 60, derandomize=EXAMPLES is None, deadline=None, database=None,

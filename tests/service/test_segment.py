@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 
 from model.predictor import Predictor
 from model.rle import decode_semantic_png
-from model.schema import SegmentResponse, build_response
+from service.schema import SegmentResponse, build_response
 from tests.service.conftest import png_bytes, segment
 
 # The tiny random model's mask probabilities sit around 0.43-0.48: this threshold gives it a few instances.
