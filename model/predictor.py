@@ -17,16 +17,13 @@ import torch
 
 from model.checkpoint import CheckpointMetadata, LoadedCheckpoint, load_checkpoint
 from model.config import InferenceParams
+from model.dtypes import canonical_dtype
 from model.embedding_cache import TextEmbeddingCache
 from model.geometry import Placement, check_geometry, preprocess_image
 from model.native import NativeSize, padded_fraction, preprocess_native
 from model.network import ZUTISOutput
 from model.postprocess import Prediction, postprocess
 from model.text import build_vocabulary
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
 
 @dataclass(frozen=True)
 class PreparedImage:
@@ -57,15 +54,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """Compute precision: ``"auto"`` is float32 on CPU and float16 (autocast) on CUDA."""
+    """Compute precision: a ``torch.dtype`` or a name of ``model.dtypes.DTYPE_NAMES``; ``"auto"`` is float32 on CPU
+    and float16 (autocast) on CUDA. ``ValueError`` for an unknown name, or reduced precision on CPU."""
     if isinstance(dtype, torch.dtype):
         resolved = dtype
-    elif dtype == "auto":
+    elif (name := canonical_dtype(dtype)) == "auto":
         resolved = torch.float16 if device.type == "cuda" else torch.float32
-    elif dtype in _DTYPES:
-        resolved = _DTYPES[dtype]
     else:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
+        resolved = getattr(torch, name)
     if device.type == "cpu" and resolved != torch.float32:
         raise ValueError("only float32 is supported on CPU (reduced precision gave no speed-up there)")
     return resolved
