@@ -176,12 +176,17 @@ class Predictor:
 
     def encode_concepts(self, concepts: Sequence[str],
                         cache: TextEmbeddingCache | None = None) -> tuple[list[str], torch.Tensor]:
-        """The vocabulary (background first, normalised, deduplicated) and its (C, E) unit-norm embeddings."""
+        """Raw concept names -> their vocabulary (``text.build_vocabulary``: background first, normalised,
+        deduplicated) and its ``(C, E)`` unit-norm embeddings."""
         vocabulary = build_vocabulary(concepts)
-        templates = self.metadata.prompt_templates
+        return vocabulary, self.encode_vocabulary(vocabulary, cache)
+
+    def encode_vocabulary(self, vocabulary: Sequence[str], cache: TextEmbeddingCache | None = None) -> torch.Tensor:
+        """``(C, E)`` unit-norm embeddings of a vocabulary already built (background first, normalised names,
+        used as they are), through ``cache`` when given."""
         if cache is None:
-            return vocabulary, self._encode_text(vocabulary)
-        return vocabulary, cache.get_many(self.model_id, templates, vocabulary, self._encode_text)
+            return self._encode_text(list(vocabulary))
+        return cache.get_many(self.model_id, self.metadata.prompt_templates, vocabulary, self._encode_text)
 
     def _encode_text(self, names: list[str]) -> torch.Tensor:
         # One concept per call: like the image side, the text tower's GEMMs pick kernels by batch size, and a

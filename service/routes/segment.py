@@ -11,6 +11,7 @@ from fastapi.responses import Response
 
 from model.config import InferenceParams
 from model.predictor import PreparedImage, Predictor
+from model.text import with_background
 from service.schema import SegmentResponse, SemanticFormat
 from service.auth import ApiKey
 from service.concepts import parse_concepts
@@ -57,7 +58,7 @@ async def segment(
 ) -> Response:
     arrived = time.perf_counter()
     deadline = arrived + settings.request_timeout_s
-    names = parse_concepts(concepts, settings.max_concepts, settings.max_concept_length)
+    concepts = parse_concepts(concepts, settings.max_concepts, settings.max_concept_length)
     if max_instances is not None and max_instances > settings.max_instances:
         raise ServiceError("invalid_request", f"max_instances={max_instances} is above this service's limit of "
                            f"{settings.max_instances}")
@@ -74,7 +75,7 @@ async def segment(
         # The upload is read in the pool: only the jobs being decoded hold image bytes in memory; waiting ones keep
         # Starlette's spooled file (at most 1 MB in memory, the rest on disk).
         try:
-            job = await engine.run_in_pool(_prepare_job, predictor, engine, image.file, names, params, semantic,
+            job = await engine.run_in_pool(_prepare_job, predictor, engine, image.file, concepts, params, semantic,
                                            settings.max_image_pixels, settings.exif_orientation, arrived, deadline)
             answer = await _await_answer(request, engine, job, settings.request_timeout_s)
         except asyncio.CancelledError:
@@ -100,7 +101,8 @@ def _prepare_job(predictor: Predictor, engine: Engine, upload: BinaryIO, concept
     upload.seek(0)
     image = decode_image(upload.read(), max_pixels, exif_orientation)
     prepared = _prepare_image(predictor, image)
-    vocabulary, text_embeddings = predictor.encode_concepts(concepts, engine.cache)
+    vocabulary = with_background(concepts)
+    text_embeddings = predictor.encode_vocabulary(vocabulary, engine.cache)
     return Job(prepared=prepared, vocabulary=vocabulary, text_embeddings=text_embeddings, params=params,
                semantic=semantic, arrived=arrived, deadline=deadline)
 
