@@ -69,7 +69,8 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[], Predict
                           workers=settings.workers(), text_cache_size=settings.text_cache_size,
                           max_batch_padding=settings.max_batch_padding,
                           retry_after_s=settings.retry_after_s, flush_denormal=settings.flush_denormal,
-                          torch_threads=settings.torch_threads)
+                          torch_threads=settings.torch_threads, max_image_pixels=settings.max_image_pixels,
+                          exif_orientation=settings.exif_orientation, max_instances=settings.max_instances)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
