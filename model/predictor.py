@@ -2,8 +2,8 @@
 
 Stateless and thread-safe: nothing about a call is stored on the object, and text embeddings go through an
 explicit ``TextEmbeddingCache`` that the caller owns. The steps are public so that the service can batch them:
-``prepare`` (per image, CPU) -> ``forward`` (one batched pass, the device) -> ``encode_concepts`` (per request,
-cached) -> ``postprocess`` (per image).
+``prepare`` (per image, CPU) -> ``forward`` (one batched pass, the device) -> ``encode_concepts`` (raw names) or
+``encode_vocabulary`` (a vocabulary already built; per request, cached) -> ``postprocess`` (per image).
 """
 
 from __future__ import annotations
