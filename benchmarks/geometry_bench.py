@@ -5,7 +5,7 @@ stream of JPEG-decoded images of COCO's common sizes through ``prepare -> forwar
 
 - ``letterbox``: every image in an S x S square, first come, first served;
 - ``native``: each image at its own size (longer side capped at S), batched the way the service batches a full
-  queue (``service.engine.choose_batch`` with ``--max-batch-padding``), and also plain first come, first served.
+  queue (``service.batcher.choose_batch`` with ``--max-batch-padding``), and also plain first come, first served.
 
 Reported per geometry: images/s (wall) and images per CPU-second of this process, encoder tokens per image, and
 the padded fraction of the forward passes' inputs (letterbox: padded pixels of the squares; native: padded token
@@ -102,7 +102,7 @@ def fifo_batches(count: int, batch_size: int) -> list[list[int]]:
 
 def grouped_batches(lengths: list[int], batch_size: int, max_padding: float) -> list[list[int]]:
     """The service's grouping of a full queue: repeatedly ``choose_batch`` over what is still waiting."""
-    from service.engine import choose_batch
+    from service.batcher import choose_batch
 
     waiting = list(range(len(lengths)))
     batches = []

@@ -91,7 +91,7 @@ def bench_in_process(loaded: Any, device: str, dtype: str, geometry: str, input_
     ``loaded``: the ``LoadedCheckpoint`` (read once per input size; the predictors share its modules in turn).
     """
     from model.predictor import Predictor, resolve_device, resolve_dtype
-    from model.schema import build_response
+    from service.schema import build_response
 
     dev = resolve_device(device)
     predictor = Predictor(loaded, dev, resolve_dtype(dtype, dev), input_size, geometry)

@@ -135,7 +135,7 @@ def measure(repeats: int) -> dict[str, Any]:
     from model.postprocess import InstancePrediction, Prediction
     from model.predictor import Predictor
     from model.rle import encode_column_major, encode_masks, encode_semantic_png, masks_to_boxes_xywh
-    from model.schema import SemanticMap, build_response
+    from service.schema import SemanticMap, build_response
     from service.upload import decode_image
 
     torch.set_num_threads(1)

@@ -183,7 +183,7 @@ class InProcess:
         """One batch: the images ``indices`` (mod the image count) with their vocabularies."""
         from PIL import Image
 
-        from model.schema import build_response
+        from service.schema import build_response
 
         p = self.predictor
         prepared = [p.prepare(Image.open(io.BytesIO(self.images[i % len(self.images)])).convert("RGB"))

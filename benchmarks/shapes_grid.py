@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from model.overlay import draw_overlay
     from model.predictor import Predictor
-    from model.schema import build_response
+    from service.schema import build_response
 
     torch.set_flush_denormal(True)
     predictor = Predictor.from_checkpoint(args.checkpoint, "cpu", "float32")

@@ -3,17 +3,63 @@
 Labels are sized to the image (about 1/40 of its shorter side, 8 px at least) and laid out so that each lies wholly
 inside the image and overlaps no other: above its box, else inside its top edge, else below it, else further
 down; a label with no free place is left out (the highest scores are placed first).
+
+``draw_overlay`` reads an answer through the small protocols below (what it reads of the service's
+``SegmentResponse``, which ``python -m model.predict`` passes), so this module does not import ``service``.
 """
 
 from __future__ import annotations
 
 import colorsys
+from typing import Protocol, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from model.rle import decode_rle
-from model.schema import SegmentResponse
+
+
+class _MaskRLE(Protocol):
+    @property
+    def size(self) -> list[int]: ...  # [H, W]
+
+    @property
+    def counts(self) -> str: ...  # COCO compressed RLE
+
+
+class _DrawnInstance(Protocol):
+    @property
+    def concept(self) -> str: ...
+
+    @property
+    def concept_index(self) -> int: ...
+
+    @property
+    def score(self) -> float: ...
+
+    @property
+    def bbox(self) -> list[float]: ...  # [x, y, w, h] in pixels
+
+    @property
+    def segmentation(self) -> _MaskRLE: ...
+
+
+class _ImageSize(Protocol):
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def height(self) -> int: ...
+
+
+class DrawableAnswer(Protocol):
+    """What ``draw_overlay`` reads of an answer: ``service.schema.SegmentResponse`` has it."""
+
+    @property
+    def image(self) -> _ImageSize: ...
+
+    @property
+    def instances(self) -> Sequence[_DrawnInstance]: ...
 
 
 def concept_colour(index: int) -> tuple[int, int, int]:
@@ -83,7 +129,7 @@ def layout_labels(boxes_xywh: list[tuple[float, float, float, float]], label_siz
     return out
 
 
-def draw_overlay(image: Image.Image, response: SegmentResponse, alpha: float = 0.5,
+def draw_overlay(image: Image.Image, response: DrawableAnswer, alpha: float = 0.5,
                  semantic: np.ndarray | None = None) -> Image.Image:
     """An RGB copy of ``image`` with the response's instances drawn on it.
 
@@ -101,7 +147,7 @@ def draw_overlay(image: Image.Image, response: SegmentResponse, alpha: float = 0
             sel = semantic == idx
             base[sel] = 0.8 * base[sel] + 0.2 * np.array(concept_colour(int(idx)), dtype=np.float32)
     for inst in reversed(response.instances):  # highest score drawn last, on top
-        mask = decode_rle(inst.segmentation.model_dump()).astype(bool)
+        mask = decode_rle({"size": inst.segmentation.size, "counts": inst.segmentation.counts}).astype(bool)
         base[mask] = (1 - alpha) * base[mask] + alpha * np.array(concept_colour(inst.concept_index), np.float32)
     out = Image.fromarray(base.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)

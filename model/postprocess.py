@@ -22,8 +22,9 @@ from model.rle import encode_masks, masks_to_boxes_xywh
 
 @dataclass
 class InstancePrediction:
-    """One instance: its concept (index into ``Prediction.concepts``), score in [0, 1], COCO box ``[x, y, w, h]``
-    in pixels (inclusive extent), area in pixels and COCO RLE (``{"size": [H, W], "counts": str}``)."""
+    """One instance: its concept (index into ``Prediction.concepts``, the vocabulary), score in [0, 1], COCO box
+    ``[x, y, w, h]`` in pixels (inclusive extent), area in pixels and COCO RLE (``{"size": [H, W], "counts": str}``).
+    """
 
     concept_index: int
     concept: str
@@ -37,8 +38,9 @@ class InstancePrediction:
 class Prediction:
     """Everything predicted for one ``(H, W)`` image.
 
-    ``concepts`` is the vocabulary, background first; ``instances`` are by descending score; ``semantic`` is an
-    ``(H, W)`` uint16 map of indices into ``concepts``, or None when not requested.
+    ``concepts`` is the vocabulary, background first (named as the answer's JSON field); ``instances`` are by
+    descending score; ``semantic`` is an ``(H, W)`` uint16 map of indices into ``concepts``, or None when not
+    requested.
     """
 
     image_hw: tuple[int, int]
@@ -66,7 +68,7 @@ def _check_outputs(mask_probs: torch.Tensor | None, semantic_features: torch.Ten
 
 @torch.no_grad()
 def semantic_label_map(
-    semantic_features: torch.Tensor, text_embeddings: torch.Tensor, letterbox: Placement
+    semantic_features: torch.Tensor, text_embeddings: torch.Tensor, placement: Placement
 ) -> torch.Tensor:
     """Semantic segmentation (reference §3.2): argmax over concepts of the cosine logits resampled to ``(H, W)``.
 
@@ -78,7 +80,7 @@ def semantic_label_map(
     Args:
         semantic_features: ``(h', w', E)`` unit-norm text-space features.
         text_embeddings: ``(C, E)`` unit-norm, background at index 0.
-        letterbox: the image's letterbox.
+        placement: where the image sits in the network input (letterbox or native size).
 
     Returns:
         ``(H, W)`` int64 concept indices on the features' device.
@@ -87,7 +89,7 @@ def semantic_label_map(
     feats = semantic_features.float()
     text = text_embeddings.to(device=feats.device, dtype=torch.float32)
     logits = torch.einsum("hwe,ce->chw", feats, text)  # no temperature: argmax only
-    return resample_argmax_to_image(logits, letterbox)
+    return resample_argmax_to_image(logits, placement)
 
 
 @torch.no_grad()
@@ -138,12 +140,53 @@ def instance_candidates(
 
 
 @torch.no_grad()
+def select_instances(
+    mask_probs: torch.Tensor,
+    semantic_features: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    placement: Placement,
+    params: InferenceParams,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The instances of one image at its original ``(H, W)``, before encoding (steps of :func:`postprocess`).
+
+    Returns:
+        ``(masks, scores, labels, areas)``: ``(N, H, W)`` bool, ``(N,)`` float32, ``(N,)`` int64 concept indices
+        and ``(N,)`` int64 pixel counts, by descending score, on the inputs' device.
+    """
+    valid = valid_grid_hw(placement, mask_probs.shape[1:])
+    keep_idx, scores, labels = instance_candidates(mask_probs, semantic_features, text_embeddings, params, valid)
+    # Only the surviving candidates are resampled (the others are discarded anyway, reference §7.4.4).
+    masks = resample_masks_to_image(mask_probs[keep_idx], placement, params.mask_threshold)
+    # Empty full-resolution masks (IoU 0 with everything) suppress nothing; dropping them after NMS rather than
+    # before avoids copying every mask, and gives the same result given the score filter that follows.
+    kept = mask_nms(masks, scores, labels, params.nms_iou, params.score_threshold)
+    masks, scores, labels = masks[kept], scores[kept], labels[kept]
+    areas = mask_areas(masks)
+    final = torch.nonzero((areas > 0) & (scores.to(torch.float64) > params.score_threshold)).flatten()
+    final = final[: params.max_instances]
+    return masks[final], scores[final], labels[final], areas[final]
+
+
+def instance_records(masks: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, areas: torch.Tensor,
+                     vocabulary: list[str]) -> list[InstancePrediction]:
+    """:func:`select_instances`' tensors -> one ``InstancePrediction`` each (COCO RLE, box, plain numbers)."""
+    rles = encode_masks(masks)  # transposed for RLE on the masks' device: less work for a GPU host's CPU
+    boxes = masks_to_boxes_xywh(masks).cpu().tolist()
+    return [
+        InstancePrediction(concept_index=int(lab), concept=vocabulary[int(lab)], score=float(s),
+                           bbox_xywh=tuple(float(v) for v in box), area=int(a), segmentation=rle)
+        for lab, s, box, a, rle in zip(labels.cpu().tolist(), scores.cpu().tolist(), boxes,
+                                       areas.cpu().tolist(), rles)
+    ]
+
+
+@torch.no_grad()
 def postprocess(
     mask_probs: torch.Tensor,
     semantic_features: torch.Tensor,
     text_embeddings: torch.Tensor,
-    concepts: list[str],
-    letterbox: Placement,
+    vocabulary: list[str],
+    placement: Placement,
     params: InferenceParams,
     semantic: bool = True,
 ) -> Prediction:
@@ -162,45 +205,27 @@ def postprocess(
         mask_probs: ``(Q, h', w')`` proposal probabilities (last decoder layer).
         semantic_features: ``(h', w', E)`` unit-norm text-space features.
         text_embeddings: ``(C, E)`` unit-norm concept embeddings, background at index 0.
-        concepts: the ``C`` concept names, background first.
-        letterbox: the image's placement (``geometry.Letterbox`` or ``native.NativeSize``; gives ``(H, W)``).
+        vocabulary: the ``C`` concept names, background first.
+        placement: where the image sits in the network input (``geometry.Letterbox`` or ``native.NativeSize``;
+            gives ``(H, W)``).
         params: post-processing parameters.
         semantic: also compute the semantic label map.
     """
     _check_outputs(mask_probs, semantic_features, text_embeddings)
     c = text_embeddings.shape[0]
-    if len(concepts) != c:
-        raise ValueError(f"{len(concepts)} concept names for {c} text embeddings")
+    if len(vocabulary) != c:
+        raise ValueError(f"{len(vocabulary)} concept names for {c} text embeddings")
     if c > 65536:
         raise ValueError(f"at most 65536 concepts fit a uint16 label map, got {c}")
-
-    valid = valid_grid_hw(letterbox, mask_probs.shape[1:])
-    keep_idx, scores, labels = instance_candidates(mask_probs, semantic_features, text_embeddings, params, valid)
-    # Only the surviving candidates are resampled (the others are discarded anyway, reference §7.4.4).
-    masks = resample_masks_to_image(mask_probs[keep_idx], letterbox, params.mask_threshold)
-    # Empty full-resolution masks (IoU 0 with everything) suppress nothing; dropping them after NMS rather than
-    # before avoids copying every mask, and gives the same result given the score filter that follows.
-    kept = mask_nms(masks, scores, labels, params.nms_iou, params.score_threshold)
-    masks, scores, labels = masks[kept], scores[kept], labels[kept]
-    areas = mask_areas(masks)
-    final = torch.nonzero((areas > 0) & (scores.to(torch.float64) > params.score_threshold)).flatten()
-    final = final[: params.max_instances]
-    masks, scores, labels, areas = masks[final], scores[final], labels[final], areas[final]
-
-    rles = encode_masks(masks)  # transposed for RLE on the masks' device: less work for a GPU host's CPU
-    boxes = masks_to_boxes_xywh(masks).cpu().tolist()
-    instances = [
-        InstancePrediction(concept_index=int(lab), concept=concepts[int(lab)], score=float(s),
-                           bbox_xywh=tuple(float(v) for v in box), area=int(a), segmentation=rle)
-        for lab, s, box, a, rle in zip(labels.cpu().tolist(), scores.cpu().tolist(), boxes,
-                                       areas.cpu().tolist(), rles)
-    ]
+    instances = instance_records(*select_instances(mask_probs, semantic_features, text_embeddings, placement, params),
+                                 vocabulary)
     label_map = None
     if semantic:
-        label_map = semantic_label_map(semantic_features, text_embeddings, letterbox).cpu().numpy()
+        label_map = semantic_label_map(semantic_features, text_embeddings, placement).cpu().numpy()
         label_map = label_map.astype(np.uint16)
-    return Prediction(image_hw=letterbox.image_hw, concepts=list(concepts), instances=instances,
+    return Prediction(image_hw=placement.image_hw, concepts=list(vocabulary), instances=instances,
                       semantic=label_map)
 
 
-__all__ = ["InstancePrediction", "Prediction", "semantic_label_map", "instance_candidates", "postprocess"]
+__all__ = ["InstancePrediction", "Prediction", "semantic_label_map", "instance_candidates", "select_instances",
+           "instance_records", "postprocess"]

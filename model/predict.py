@@ -2,6 +2,10 @@
 
     python -m model.predict --checkpoint weights/zutis-shapes.safetensors --image examples/shapes-1.png \\
         --concepts "red circle,blue star" --out result.json --overlay overlay.png
+
+The one module of ``model`` that imports ``service``: the answer's schema (``service.schema``, pydantic only), so
+that the command and the service print the same JSON. torch and what loads it (the predictor, the overlay) are
+imported once the arguments are good, so that ``--help`` and argument errors are instant.
 """
 
 from __future__ import annotations
@@ -13,13 +17,18 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from model.orientation import apply_exif_orientation
+from service.schema import Timings, build_response
+
 
 def split_concepts(values: list[str]) -> list[str]:
-    """Repeated and/or comma-separated concept arguments -> a flat list (blanks dropped)."""
+    """Repeated and/or comma-separated concept arguments -> a flat list (blanks dropped; normalised later, once,
+    by the predictor's vocabulary)."""
     return [c.strip() for v in values for c in v.split(",") if c.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments."""
     parser = argparse.ArgumentParser(prog="python -m model.predict", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint file (.safetensors, our format)")
     parser.add_argument("--image", required=True, help="image file (PNG, JPEG, WebP, ...)")
@@ -42,8 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-exif-orientation", dest="exif_orientation", action="store_false",
                         help="keep the stored pixel grid instead of turning photos upright by their EXIF "
                              "orientation (the default, as the service does)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def read_image(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Image.Image:
+    """The ``--image`` file (upright unless ``--no-exif-orientation``); a missing or unreadable file (or
+    checkpoint) ends the command through ``parser.error`` (status 2)."""
     for flag, path in (("--checkpoint", args.checkpoint), ("--image", args.image)):
         if not Path(path).is_file():
             parser.error(f"{flag}: file not found: {path}")
@@ -52,15 +65,18 @@ def main(argv: list[str] | None = None) -> int:
         image.load()  # the first picture of a multi-picture JPEG (MPO) or an animation
     except (UnidentifiedImageError, OSError) as exc:
         parser.error(f"--image: cannot read {args.image} as an image ({exc})")
-    if args.exif_orientation:
-        from model.orientation import apply_exif_orientation
+    return apply_exif_orientation(image) if args.exif_orientation else image
 
-        image = apply_exif_orientation(image)
 
-    import torch  # deferred so that --help is instant
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    image = read_image(parser, args)
 
+    import torch  # deferred (with what loads it) so that --help and argument errors are instant
+
+    from model.overlay import draw_overlay
     from model.predictor import Predictor
-    from model.schema import Timings, build_response
 
     torch.set_flush_denormal(True)
     try:
@@ -81,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sys.stdout.write(text + "\n")
     if args.overlay:
-        from model.overlay import draw_overlay
-
         draw_overlay(image, response, semantic=prediction.semantic).save(args.overlay)
     return 0
 

@@ -2,8 +2,8 @@
 
 Stateless and thread-safe: nothing about a call is stored on the object, and text embeddings go through an
 explicit ``TextEmbeddingCache`` that the caller owns. The steps are public so that the service can batch them:
-``prepare`` (per image, CPU) -> ``forward`` (one batched pass, the device) -> ``encode_concepts`` (per request,
-cached) -> ``postprocess`` (per image).
+``prepare`` (per image, CPU) -> ``forward`` (one batched pass, the device) -> ``encode_concepts`` (raw names) or
+``encode_vocabulary`` (a vocabulary already built; per request, cached) -> ``postprocess`` (per image).
 """
 
 from __future__ import annotations
@@ -17,16 +17,13 @@ import torch
 
 from model.checkpoint import CheckpointMetadata, LoadedCheckpoint, load_checkpoint
 from model.config import InferenceParams
+from model.dtypes import canonical_dtype
 from model.embedding_cache import TextEmbeddingCache
 from model.geometry import Placement, check_geometry, preprocess_image
 from model.native import NativeSize, padded_fraction, preprocess_native
 from model.network import ZUTISOutput
 from model.postprocess import Prediction, postprocess
 from model.text import build_vocabulary
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
 
 @dataclass(frozen=True)
 class PreparedImage:
@@ -57,15 +54,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """Compute precision: ``"auto"`` is float32 on CPU and float16 (autocast) on CUDA."""
+    """Compute precision: a ``torch.dtype`` or a name of ``model.dtypes.DTYPE_NAMES``; ``"auto"`` is float32 on CPU
+    and float16 (autocast) on CUDA. ``ValueError`` for an unknown name, or reduced precision on CPU."""
     if isinstance(dtype, torch.dtype):
         resolved = dtype
-    elif dtype == "auto":
+    elif (name := canonical_dtype(dtype)) == "auto":
         resolved = torch.float16 if device.type == "cuda" else torch.float32
-    elif dtype in _DTYPES:
-        resolved = _DTYPES[dtype]
     else:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
+        resolved = getattr(torch, name)
     if device.type == "cpu" and resolved != torch.float32:
         raise ValueError("only float32 is supported on CPU (reduced precision gave no speed-up there)")
     return resolved
@@ -180,12 +176,17 @@ class Predictor:
 
     def encode_concepts(self, concepts: Sequence[str],
                         cache: TextEmbeddingCache | None = None) -> tuple[list[str], torch.Tensor]:
-        """The vocabulary (background first, normalised, deduplicated) and its (C, E) unit-norm embeddings."""
+        """Raw concept names -> their vocabulary (``text.build_vocabulary``: background first, normalised,
+        deduplicated) and its ``(C, E)`` unit-norm embeddings."""
         vocabulary = build_vocabulary(concepts)
-        templates = self.metadata.prompt_templates
+        return vocabulary, self.encode_vocabulary(vocabulary, cache)
+
+    def encode_vocabulary(self, vocabulary: Sequence[str], cache: TextEmbeddingCache | None = None) -> torch.Tensor:
+        """``(C, E)`` unit-norm embeddings of a vocabulary already built (background first, normalised names,
+        used as they are), through ``cache`` when given."""
         if cache is None:
-            return vocabulary, self._encode_text(vocabulary)
-        return vocabulary, cache.get_many(self.model_id, templates, vocabulary, self._encode_text)
+            return self._encode_text(list(vocabulary))
+        return cache.get_many(self.model_id, self.metadata.prompt_templates, vocabulary, self._encode_text)
 
     def _encode_text(self, names: list[str]) -> torch.Tensor:
         # One concept per call: like the image side, the text tower's GEMMs pick kernels by batch size, and a

@@ -1,13 +1,16 @@
 """Concepts -> text embeddings with the checkpoint's own CLIP text tower (reference §2).
 
-"background" is always class 0, embedded like any other name; the user's concepts follow, deduplicated after
-normalisation, in the order given. By default the raw names are embedded, as the official models were trained;
-prompt templates (each containing ``{}``) can be ensembled instead.
+Two names for two lists: a request's ``concepts`` are its distinct normalised names, background excluded (what the
+service's limits count); a ``vocabulary`` is the class list of the model's head, ``["background", *concepts]``
+(class ``i`` is ``vocabulary[i]``; background is class 0, embedded like any other name). ``distinct_concepts`` is
+the one normalisation; the service applies it to the form field, ``build_vocabulary`` to the raw names of
+``Predictor.predict``. By default the raw names are embedded, as the official models were trained; prompt
+templates (each containing ``{}``) can be ensembled instead.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -19,22 +22,32 @@ BACKGROUND = "background"
 
 
 def normalise_concept(name: str) -> str:
-    """Canonical form of a concept: whitespace collapsed, lower case (CLIP's tokenizer lower-cases anyway)."""
+    """Canonical form of one concept: whitespace collapsed, lower case (CLIP's tokenizer lower-cases anyway)."""
     return " ".join(str(name).split()).lower()
 
 
-def build_vocabulary(concepts: Sequence[str]) -> list[str]:
-    """``["background", *concepts]`` normalised, blanks and duplicates (including "background") dropped.
-
-    Raises ``ValueError`` when no concept is left.
-    """
+def distinct_concepts(names: Iterable[str]) -> Iterator[str]:
+    """A concept list normalised: each name through ``normalise_concept``, blanks, duplicates (the first kept) and
+    "background" dropped, order kept. Lazy, so that a caller applying limits stops at the first name over them."""
     seen = {BACKGROUND}
-    vocabulary = [BACKGROUND]
-    for raw in concepts:
+    for raw in names:
         name = normalise_concept(raw)
         if name and name not in seen:
             seen.add(name)
-            vocabulary.append(name)
+            yield name
+
+
+def with_background(concepts: Sequence[str]) -> list[str]:
+    """The vocabulary of concepts already normalised and distinct (``distinct_concepts``): background first."""
+    return [BACKGROUND, *concepts]
+
+
+def build_vocabulary(concepts: Iterable[str]) -> list[str]:
+    """Raw names -> the vocabulary ``["background", *distinct_concepts(concepts)]``.
+
+    Raises ``ValueError`` when no concept is left.
+    """
+    vocabulary = with_background(list(distinct_concepts(concepts)))
     if len(vocabulary) == 1:
         raise ValueError("no concepts given: need at least one non-blank concept other than 'background'")
     return vocabulary

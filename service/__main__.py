@@ -14,10 +14,14 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from service.settings import Settings, describe_settings_error
+
+if TYPE_CHECKING:  # an annotation only: the engine loads torch
+    from service.engine import Engine
 
 log = logging.getLogger("service")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -35,7 +39,6 @@ def main() -> int:
     import uvicorn
 
     from service.app import create_app
-    from service.engine import Engine
     from service.protocol import bounded_head_protocol
     from service.server import DrainingServer
 

@@ -45,6 +45,16 @@ def check_checkpoint(settings: Settings) -> None:
     read_metadata(path)
 
 
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's part of the settings."""
+    return EngineConfig(max_batch_size=settings.max_batch_size, max_batch_delay_s=settings.max_batch_delay_ms / 1000.0,
+                        queue_size=settings.queue_size, workers=settings.workers(),
+                        text_cache_size=settings.text_cache_size, max_batch_padding=settings.max_batch_padding,
+                        retry_after_s=settings.retry_after_s, flush_denormal=settings.flush_denormal,
+                        torch_threads=settings.torch_threads, max_image_pixels=settings.max_image_pixels,
+                        exif_orientation=settings.exif_orientation, max_instances=settings.max_instances)
+
+
 def create_app(settings: Settings | None = None, *, loader: Callable[[], Predictor] | None = None,
                on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
     """Build the service.
@@ -64,34 +74,7 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[], Predict
     if loader is None:
         loader = partial(Predictor.from_checkpoint, settings.checkpoint, settings.device, settings.dtype,
                          settings.input_size, settings.geometry)
-    config = EngineConfig(max_batch_size=settings.max_batch_size,
-                          max_batch_delay_s=settings.max_batch_delay_ms / 1000.0, queue_size=settings.queue_size,
-                          workers=settings.workers(), text_cache_size=settings.text_cache_size,
-                          max_batch_padding=settings.max_batch_padding,
-                          retry_after_s=settings.retry_after_s, flush_denormal=settings.flush_denormal,
-                          torch_threads=settings.torch_threads)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        def loaded() -> Predictor:
-            predictor = loader()
-            metrics.set_build_info(VERSION, predictor.model_id, str(predictor.device),
-                                   str(predictor.dtype).removeprefix("torch."))
-            return predictor
-
-        engine = Engine(loaded, config, metrics, on_fatal)
-        app.state.engine = engine
-        engine.start()
-        try:
-            yield
-        finally:
-            # service.server sets shutdown_deadline (time.monotonic()) when a signal started the drain.
-            deadline = getattr(app.state, "shutdown_deadline", None)
-            timeout = settings.drain_timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
-            log.info("draining: waiting for %d request(s)", engine.admitted)
-            await anyio.to_thread.run_sync(engine.stop, timeout)
-            log.info("stopped")
-
+    lifespan = partial(_run_engine, settings, metrics, _reporting_build_info(loader, metrics), on_fatal)
     app = FastAPI(title="zutis-service", version=VERSION, description=DESCRIPTION, lifespan=lifespan, docs_url=None,
                   redoc_url=None)
     install_docs(app)  # /docs with Swagger UI's files served here, not from a CDN
@@ -101,13 +84,46 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[], Predict
     app.include_router(ops.router)
     app.include_router(segment.router)
     install_demo(app)
-    # Innermost first: nothing below reads a body before the key and the content type are checked. Which routes
-    # need the key or take uploads is read from the routes' OpenAPI description (so: add routes before these
-    # lines); get_openapi, unlike app.openapi(), caches nothing.
+    _install_middleware(app, settings, metrics)  # after the routes: it reads which routes need what
+    return app
+
+
+def _reporting_build_info(loader: Callable[[], Predictor], metrics: Metrics) -> Callable[[], Predictor]:
+    """``loader`` that also sets ``zutis_build_info`` from what it loaded."""
+    def loaded() -> Predictor:
+        predictor = loader()
+        metrics.set_build_info(VERSION, predictor.model_id, str(predictor.device),
+                               str(predictor.dtype).removeprefix("torch."))
+        return predictor
+
+    return loaded
+
+
+@asynccontextmanager
+async def _run_engine(settings: Settings, metrics: Metrics, loader: Callable[[], Predictor],
+                      on_fatal: Callable[[BaseException], None] | None, app: FastAPI) -> AsyncIterator[None]:
+    """The lifespan: start the engine (it loads in the background), and drain it at shutdown."""
+    engine = Engine(loader, engine_config(settings), metrics, on_fatal)
+    app.state.engine = engine
+    engine.start()
+    try:
+        yield
+    finally:
+        # service.server sets shutdown_deadline (time.monotonic()) when a signal started the drain.
+        deadline = getattr(app.state, "shutdown_deadline", None)
+        timeout = settings.drain_timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
+        log.info("draining: waiting for %d request(s)", engine.admitted)
+        await anyio.to_thread.run_sync(engine.stop, timeout)
+        log.info("stopped")
+
+
+def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """The middleware stack, innermost first: nothing below reads a body before the key and the content type are
+    checked. Which routes need the key or take uploads is read from the routes' OpenAPI description (so: add
+    routes before this); get_openapi, unlike app.openapi(), caches nothing."""
     openapi = get_openapi(title=app.title, version=app.version, routes=app.routes)
     app.add_middleware(RequireMultipart, paths=upload_paths(openapi), on_reject=metrics.count_rejection)
     app.add_middleware(ApiKeyGate, api_key=settings.api_key, paths=guarded_paths(openapi),
                        on_reject=metrics.count_rejection)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, on_reject=metrics.count_rejection)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees the 413s too
-    return app

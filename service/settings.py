@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.dtypes import DtypeName
+
 DEFAULT_CHECKPOINT = Path("weights/zutis-shapes.safetensors")
 MiB = 1024 * 1024
 
@@ -27,7 +29,7 @@ class Settings(BaseSettings):
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint file (our safetensors format); a relative "
                                                              "path is relative to the working directory")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
-    dtype: Literal["auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"] = Field(
+    dtype: DtypeName = Field(
         "auto", description="compute precision: auto is float32 on CPU and float16 autocast on CUDA")
     input_size: int | None = Field(None, ge=8, description="letterbox size S, or the longer-side cap in native "
                                                            "geometry; default: the checkpoint's")

@@ -9,9 +9,9 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from model.backbone import describe
+from service.admission import EngineState
 from service.auth import ApiKey
 from service.dependencies import EngineDep, MetricsDep, SettingsDep
-from service.engine import EngineState
 from service.errors import ErrorBody, ServiceError, error_response
 from service.metrics import CONTENT_TYPE
 from service.version import VERSION

@@ -1,23 +1,24 @@
-"""POST /segment: one image and a concept list in, instances and a semantic map out (``SegmentResponse``)."""
+"""POST /segment: one image and a concept list in, instances and a semantic map out (``SegmentResponse``).
+
+The route parses and checks the form, then makes one call, ``Engine.segment``; everything from admission to the
+encoded answer happens there.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from typing import Annotated, Any, BinaryIO, Literal
+from functools import partial
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
-from model.config import InferenceParams
-from model.predictor import PreparedImage, Predictor
-from model.schema import SegmentResponse, SemanticFormat
 from service.auth import ApiKey
 from service.concepts import parse_concepts
-from service.dependencies import EngineDep, MetricsDep, SettingsDep
-from service.engine import Answer, Engine, Job
+from service.dependencies import EngineDep, SettingsDep
+from service.engine import Deadline
 from service.errors import ErrorBody, ServiceError
-from service.upload import decode_image
+from service.schema import SegmentResponse
 
 router = APIRouter()
 
@@ -40,7 +41,6 @@ async def segment(
     request: Request,
     engine: EngineDep,
     settings: SettingsDep,
-    metrics: MetricsDep,
     _: ApiKey,
     image: Annotated[UploadFile, File(description="the image (PNG, JPEG, WebP, BMP, GIF, TIFF)")],
     concepts: Annotated[list[str], Form(description="concept names: repeat the field and/or separate with "
@@ -55,90 +55,25 @@ async def segment(
     max_instances: Annotated[int | None, Form(ge=0, description="most instances returned")] = None,
     semantic: Annotated[Literal["png", "rle", "none"], Form(description="semantic map encoding")] = "png",
 ) -> Response:
-    arrived = time.perf_counter()
-    deadline = arrived + settings.request_timeout_s
-    names = parse_concepts(concepts, settings.max_concepts, settings.max_concept_length)
+    deadline = Deadline(time.perf_counter(), settings.request_timeout_s)
+    # The form's raw values become the request's concepts (normalised, distinct), under the same name.
+    concepts = parse_concepts(concepts, settings.max_concepts, settings.max_concept_length)
     if max_instances is not None and max_instances > settings.max_instances:
         raise ServiceError("invalid_request", f"max_instances={max_instances} is above this service's limit of "
                            f"{settings.max_instances}")
-    with engine.admission():
-        predictor = engine.predictor
-        assert predictor is not None  # admission() only admits once the model is loaded
-        try:
-            params = predictor.params(score_threshold=score_threshold, mask_threshold=mask_threshold,
-                                      nms_iou=nms_iou, max_instances=max_instances)
-        except ValueError as exc:
-            raise ServiceError("invalid_request", str(exc)) from None
-        if params.max_instances > settings.max_instances:
-            params = params.with_overrides(max_instances=settings.max_instances)
-        # The upload is read in the pool: only the jobs being decoded hold image bytes in memory; waiting ones keep
-        # Starlette's spooled file (at most 1 MB in memory, the rest on disk).
-        try:
-            job = await engine.run_in_pool(_prepare_job, predictor, engine, image.file, names, params, semantic,
-                                           settings.max_image_pixels, settings.exif_orientation, arrived, deadline)
-            answer = await _await_answer(request, engine, job, settings.request_timeout_s)
-        except asyncio.CancelledError:
-            if not engine.refusing:
-                raise
-            # uvicorn cancels what is left when the drain timeout passes: answer 503 rather than its plain 500.
-            raise ServiceError("draining", "the service shut down before the answer was ready (drain timeout); "
-                               "retry on another replica", {"Retry-After": str(settings.retry_after_s),
-                                                            "Connection": "close"}) from None
+    overrides = {"score_threshold": score_threshold, "mask_threshold": mask_threshold, "nms_iou": nms_iou,
+                 "max_instances": max_instances}
+    answer = await engine.segment(image.file, concepts, overrides, semantic, deadline, partial(client_gone, request))
     return Response(answer.body, media_type="application/json", headers={
         "x-queue-time": f"{answer.timings.queue_ms:.3f}",
         "x-inference-time": f"{answer.timings.inference_ms:.3f}",
         "x-total-time": f"{answer.timings.total_ms:.3f}",
         "x-batch-size": str(answer.batch_size),
-        "x-model-id": predictor.model_id,
+        "x-model-id": answer.model_id,
     })
 
 
-def _prepare_job(predictor: Predictor, engine: Engine, upload: BinaryIO, concepts: list[str],
-                 params: InferenceParams, semantic: SemanticFormat, max_pixels: int, exif_orientation: bool,
-                 arrived: float, deadline: float) -> Job:
-    """Pool thread: read, decode and letterbox the image, fetch the concepts' text embeddings (cached)."""
-    upload.seek(0)
-    image = decode_image(upload.read(), max_pixels, exif_orientation)
-    prepared = _prepare_image(predictor, image)
-    vocabulary, text_embeddings = predictor.encode_concepts(concepts, engine.cache)
-    return Job(prepared=prepared, vocabulary=vocabulary, text_embeddings=text_embeddings, params=params,
-               semantic=semantic, arrived=arrived, deadline=deadline)
-
-
-def _prepare_image(predictor: Predictor, image: Any) -> PreparedImage:
-    """The network input of a decoded image; an image the geometry cannot take (in native geometry, a side
-    shorter than one patch) is a 400."""
-    try:
-        return predictor.prepare(image)
-    except ValueError as exc:
-        raise ServiceError("invalid_image", str(exc)) from None
-
-
-async def _await_answer(request: Request, engine: Engine, job: Job, timeout_s: float) -> Answer:
-    """Queue ``job`` and wait for its answer, its deadline, or the client going away (whichever comes first).
-
-    A job given up on is cancelled: if its forward pass has not started, it never reaches the model.
-    """
-    if time.perf_counter() > job.deadline:
-        raise ServiceError("deadline_exceeded", f"the request's deadline of {timeout_s:g} s passed before it "
-                           "could be queued")
-    answer = asyncio.wrap_future(engine.submit(job))
-    gone = asyncio.ensure_future(_client_gone(request))
-    try:
-        done, _ = await asyncio.wait({answer, gone}, timeout=max(0.0, job.deadline - time.perf_counter()),
-                                     return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not answer.done():
-            answer.cancel()
-    if answer in done:
-        return answer.result()
-    if gone in done:
-        raise ServiceError("client_disconnected", "the client closed the connection before the answer was ready")
-    raise ServiceError("deadline_exceeded", f"no answer within the request deadline of {timeout_s:g} s")
-
-
-async def _client_gone(request: Request) -> None:
+async def client_gone(request: Request) -> None:
     """Return when the client disconnects (the body has been read, so the next ASGI message is the disconnect)."""
     while True:
         message = await request.receive()

@@ -21,7 +21,7 @@ from model.native import NativeSize, native_size_for, padded_fraction, preproces
 from model.network import ZUTIS
 from model.predictor import Predictor
 from model.rle import decode_rle
-from model.schema import build_response
+from service.schema import build_response
 from tests.model.conftest import make_tiny_checkpoint
 from tests.model.official_reference import (
     TINY,

@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from model.overlay import _overlaps, draw_overlay, fit_label, label_font_size, layout_labels
 from model.rle import encode_masks
-from model.schema import SegmentResponse
+from service.schema import SegmentResponse
 
 
 def response_for(width: int, height: int, boxes: list[tuple[int, int, int, int]]) -> SegmentResponse:

@@ -6,7 +6,7 @@ from PIL import Image
 
 from model.predict import main, split_concepts
 from model.predictor import Predictor
-from model.schema import SegmentResponse, build_response
+from service.schema import SegmentResponse, build_response
 
 
 def test_predict_cli_split_concepts():

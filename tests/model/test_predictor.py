@@ -6,7 +6,8 @@ from pycocotools import mask as mask_utils
 
 from model.embedding_cache import TextEmbeddingCache
 from model.predictor import Predictor, resolve_dtype
-from model.schema import SegmentResponse, build_response
+from model.rle import decode_semantic_rle
+from service.schema import SegmentResponse, build_response
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,6 @@ def test_predictor_response_schema_round_trip(predictor):
     resp = build_response(pred, predictor.model_id, semantic="rle")
     again = SegmentResponse.model_validate_json(resp.model_dump_json())
     assert again == resp
-    from model.rle import decode_semantic_rle
     items = [{"concept_index": s.concept_index, "segmentation": s.segmentation.model_dump()}
              for s in resp.semantic.segments]
     assert np.array_equal(decode_semantic_rle(items, pred.image_hw), pred.semantic)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,8 +27,6 @@ READY_TIMEOUT_S = 60.0
 @pytest.fixture(autouse=True)
 def _no_zutis_environment(monkeypatch):
     """Settings read ZUTIS_* from the environment: the tests must not see the caller's."""
-    import os
-
     for key in [k for k in os.environ if k.startswith("ZUTIS_")]:
         monkeypatch.delenv(key)
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from functools import partial
 
 import numpy as np
 import pytest
 
-from model.schema import build_response
-from service.engine import Engine, EngineConfig, Job
+from service.schema import build_response
+from service.batcher import Job
+from service.engine import Engine, EngineConfig, await_answer
 from service.errors import ServiceError
 from service.metrics import Metrics
-from service.routes.segment import _await_answer
+from service.routes.segment import client_gone
 from tests.service.conftest import InstrumentedPredictor
 
 MASK_THRESHOLD = 0.46
@@ -39,7 +41,7 @@ def image(seed: int) -> np.ndarray:
 
 
 def make_job(engine: Engine, predictor, seed: int, concepts: list[str]) -> Job:
-    vocabulary, text = predictor.encode_concepts(concepts, engine.cache)
+    vocabulary, text = predictor.encode_concepts(concepts, engine.text_cache)
     now = time.perf_counter()
     return Job(prepared=predictor.prepare(image(seed)), vocabulary=vocabulary, text_embeddings=text,
                params=predictor.params(mask_threshold=MASK_THRESHOLD), semantic="png", arrived=now, deadline=now + 60)
@@ -50,7 +52,7 @@ def hold_engine(engine: Engine, predictor) -> Job:
     predictor.gate.clear()
     before = len(predictor.batch_sizes)
     blocker = make_job(engine, predictor, 0, ["cat"])
-    engine.submit(blocker)
+    engine.batcher.submit(blocker)
     while len(predictor.batch_sizes) == before:
         time.sleep(0.005)
     return blocker
@@ -62,7 +64,7 @@ def test_different_vocabularies_share_one_forward_pass(engine_and_predictor):
     blocker = hold_engine(engine, predictor)
     jobs = [make_job(engine, predictor, seed, concepts) for seed, concepts in enumerate(vocabularies, start=1)]
     for job in jobs:
-        engine.submit(job)
+        engine.batcher.submit(job)
     predictor.gate.set()
     answers = [job.future.result(30) for job in jobs]
     blocker.future.result(30)
@@ -83,8 +85,8 @@ def test_cancelled_job_never_reaches_the_model(engine_and_predictor):
     engine, predictor = engine_and_predictor
     blocker = hold_engine(engine, predictor)
     gone, kept = make_job(engine, predictor, 1, ["cat"]), make_job(engine, predictor, 2, ["dog"])
-    engine.submit(gone)
-    engine.submit(kept)
+    engine.batcher.submit(gone)
+    engine.batcher.submit(kept)
     assert gone.future.cancel()
     predictor.gate.set()
     assert json.loads(kept.future.result(30).body)["concepts"] == ["background", "dog"]
@@ -97,7 +99,7 @@ def test_expired_job_gets_504_without_reaching_the_model(engine_and_predictor):
     blocker = hold_engine(engine, predictor)
     late = make_job(engine, predictor, 1, ["cat"])
     late.deadline = time.perf_counter() + 0.05
-    engine.submit(late)
+    engine.batcher.submit(late)
     time.sleep(0.1)
     predictor.gate.set()
     with pytest.raises(ServiceError) as error:
@@ -118,7 +120,7 @@ def test_client_disconnect_cancels_the_job(engine_and_predictor):
     blocker = hold_engine(engine, predictor)
     job = make_job(engine, predictor, 1, ["cat"])
     with pytest.raises(ServiceError) as error:
-        asyncio.run(_await_answer(GoneClient(), engine, job, 30.0))
+        asyncio.run(await_answer(engine.batcher, job, 30.0, partial(client_gone, GoneClient())))
     assert error.value.type == "client_disconnected"
     assert job.future.cancelled()
     predictor.gate.set()

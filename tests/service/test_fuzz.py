@@ -14,12 +14,16 @@ import os
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from model.schema import SegmentResponse
+from service.app import create_app
 from service.errors import ERROR_STATUS
+from service.schema import SegmentResponse
+from service.settings import Settings
+from tests.service.conftest import wait_until_ready
 
 EXAMPLES = int(os.environ.get("ZUTIS_FUZZ_EXAMPLES", "0")) or None
 FUZZ = settings(max_examples=EXAMPLES or 60, derandomize=EXAMPLES is None, deadline=None, database=None,
@@ -82,12 +86,6 @@ def assert_well_formed(answer) -> None:
 
 @pytest.fixture(scope="module")
 def fuzz_client(service_checkpoint):
-    from fastapi.testclient import TestClient
-
-    from service.app import create_app
-    from service.settings import Settings
-    from tests.service.conftest import wait_until_ready
-
     settings = Settings(checkpoint=service_checkpoint, device="cpu", max_batch_size=2, max_concepts=5,
                         max_concept_length=20, max_image_pixels=40 * 40, max_body_bytes=64 * 1024)
     with TestClient(create_app(settings)) as client:

@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.engine import Engine, EngineConfig, Job, choose_batch
+from service.batcher import Job, choose_batch
+from service.engine import Engine, EngineConfig
 from service.metrics import Metrics
 from service.settings import Settings
 from tests.service.conftest import InstrumentedPredictor, png_bytes, segment
@@ -82,7 +83,7 @@ def test_waiting_images_are_grouped_by_size(service_checkpoint):
         assert time.monotonic() < deadline, engine.state
         time.sleep(0.01)
     try:
-        vocabulary, text = predictor.encode_concepts(["cat"], engine.cache)
+        vocabulary, text = predictor.encode_concepts(["cat"], engine.text_cache)
 
         def job(hw: tuple[int, int]) -> Job:
             pixels = np.random.default_rng(hw[0]).integers(0, 256, size=(*hw, 3), dtype=np.uint8)
@@ -92,13 +93,13 @@ def test_waiting_images_are_grouped_by_size(service_checkpoint):
 
         predictor.gate.clear()  # hold the engine in a forward pass while the others queue up
         blocker = job((16, 16))
-        engine.submit(blocker)
+        engine.batcher.submit(blocker)
         while not predictor.batches or predictor.batches[-1] != [(16, 16)]:
             time.sleep(0.005)
         sizes = [(64, 64), (16, 16), (64, 64), (16, 24), (64, 56), (64, 64)]
         jobs = [job(hw) for hw in sizes]
         for j in jobs:
-            engine.submit(j)
+            engine.batcher.submit(j)
         predictor.gate.set()
         for j in [blocker, *jobs]:
             j.future.result(30)

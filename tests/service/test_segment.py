@@ -13,8 +13,9 @@ from pycocotools import mask as mask_utils
 
 from model.predictor import Predictor
 from model.rle import decode_semantic_png
-from model.schema import SegmentResponse, build_response
+from service.schema import SegmentResponse, build_response
 from tests.service.conftest import png_bytes, segment
+from tests.service.test_upload import oriented_jpeg
 
 # The tiny random model's mask probabilities sit around 0.43-0.48: this threshold gives it a few instances.
 MASK_THRESHOLD = 0.46
@@ -101,8 +102,6 @@ def test_concurrent_mixed_vocabularies_share_batches_and_answer_as_alone(make_cl
 
 
 def test_phone_photo_is_answered_upright(make_client):
-    from tests.service.test_upload import oriented_jpeg
-
     client = make_client()
     data, _ = oriented_jpeg(36, 64, orientation=6, format="MPO")
     files = {"image": ("phone.jpg", data, "image/jpeg")}

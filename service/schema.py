@@ -1,18 +1,21 @@
-"""The JSON answer, shared by ``python -m model.predict`` and ``POST /segment`` (pydantic models).
+"""The HTTP answer of ``POST /segment`` (pydantic models), also printed by ``python -m model.predict``.
 
 Instances follow COCO / segment-anything conventions: ``bbox`` is ``[x, y, w, h]`` in pixels, ``segmentation``
 is COCO compressed RLE (``pycocotools.mask.decode`` reads it directly; ``counts`` is a string). The semantic map
 is either a base64 PNG of per-pixel indices into ``concepts`` or one RLE per concept present.
+
+Importing this module loads pydantic only (no torch, FastAPI or uvicorn): ``service/__init__.py`` is empty, and
+``build_response`` imports the mask encoders (``model.rle``, which loads torch) when it first runs.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
-from model.postprocess import Prediction
-from model.rle import encode_semantic_png, encode_semantic_rle
+if TYPE_CHECKING:  # only an annotation here: model.postprocess loads torch
+    from model.postprocess import Prediction
 
 SemanticFormat = Literal["png", "rle", "none"]
 SCORE_DECIMALS = 6
@@ -66,7 +69,13 @@ class SegmentResponse(BaseModel):
 
 def build_response(prediction: Prediction, model_id: str, semantic: SemanticFormat = "png",
                    timings: Timings | None = None) -> SegmentResponse:
-    """The JSON answer for one image's ``Prediction``."""
+    """The JSON answer for one image's ``Prediction`` (its ``concepts`` are the vocabulary, background first).
+
+    ``semantic`` chooses the encoding of the semantic map (``none``, or no map in the prediction: no map).
+    """
+    # Deferred, unlike the rest: model.rle loads torch, which importing the answer's models must not.
+    from model.rle import encode_semantic_png, encode_semantic_rle
+
     h, w = prediction.image_hw
     semantic_map = None
     if semantic != "none" and prediction.semantic is not None:
