@@ -19,7 +19,8 @@ import time
 import torch
 
 from model.config import InferenceParams
-from model.geometry import Letterbox, letterbox_for, resample_masks_to_image, resample_to_image, valid_grid_hw
+from model.geometry import Letterbox, letterbox_for
+from model.resample import resample_masks_to_image, resample_to_image, valid_grid_hw
 from model.nms import greedy_mask_nms_loop, mask_nms
 from model.postprocess import InstancePrediction, instance_candidates, postprocess
 from model.rle import encode_masks, masks_to_boxes_xywh

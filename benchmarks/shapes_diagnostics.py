@@ -58,7 +58,7 @@ def diagnose(checkpoint: Path, scenes: Path, max_images: int | None) -> dict[str
     from PIL import Image
     from pycocotools import mask as mask_utils
 
-    from model.geometry import resample_masks_to_image
+    from model.resample import resample_masks_to_image
     from model.predictor import Predictor
 
     coco = json.loads((scenes / "instances.json").read_text())
@@ -87,7 +87,7 @@ def diagnose(checkpoint: Path, scenes: Path, max_images: int | None) -> dict[str
         prepared = predictor.prepare(image)
         with torch.inference_mode():
             out = predictor.forward([prepared])
-            # the same resampling as the service's post-processing (model.geometry)
+            # the same resampling as the service's post-processing (model.resample)
             proposals = resample_masks_to_image(out.mask_probs[0].float(), prepared.letterbox,
                                                 params.mask_threshold).numpy()
         prediction = predictor.postprocess(out, 0, prepared, vocabulary, text, params, semantic=True)

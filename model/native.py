@@ -6,7 +6,7 @@ input size); then it is resized (PIL bilinear) so that its longer side is the ca
 ``int(short / long * cap)`` (truncated, as the official ImageNet-S loader computes it). Sizes that are not
 multiples of the patch size are not padded: the patch embedding drops the trailing pixels, and the ``h' x w'``
 output grid is stretched over the whole original ``(H, W)`` image (reference §7.1.3), which is what
-``model.geometry``'s resampling does for a placement whose input is the resized image itself.
+``model.resample`` does for a placement whose input is the resized image itself.
 
 Batches of native images are ragged: ``ZUTIS.forward_ragged`` takes one tensor per image.
 """

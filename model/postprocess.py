@@ -15,8 +15,10 @@ import numpy as np
 import torch
 
 from model.config import InferenceParams
-from model.geometry import Placement, resample_argmax_to_image, resample_masks_to_image, valid_grid_hw
-from model.nms import mask_areas, mask_nms
+from model.geometry import Placement
+from model.resample import resample_argmax_to_image, resample_masks_to_image, valid_grid_hw
+from model.mask_iou import mask_areas
+from model.nms import mask_nms
 from model.rle import encode_masks, masks_to_boxes_xywh
 
 
@@ -72,7 +74,7 @@ def semantic_label_map(
 ) -> torch.Tensor:
     """Semantic segmentation (reference §3.2): argmax over concepts of the cosine logits resampled to ``(H, W)``.
 
-    ``geometry.resample_argmax_to_image`` interpolates the ``(C, h', w')`` logits only between grid cells whose
+    ``resample.resample_argmax_to_image`` interpolates the ``(C, h', w')`` logits only between grid cells whose
     corners disagree on the argmax, in bounded chunks, so memory stays small for any ``C``. (Resampling the
     ``E``-dim features first, the "exact equivalent" of §3.2, would cost ``C * E`` multiply-adds per output
     pixel instead of ``4 * C``.) Equal logits resolve to the lowest concept index.
@@ -112,7 +114,7 @@ def instance_candidates(
         semantic_features: ``(h', w', E)`` unit-norm; text_embeddings: ``(C, E)`` unit-norm.
         params: ``mask_threshold`` and ``temperature`` are used.
         valid_hw: if given, only the top-left ``(vh, vw)`` grid cells (those over the unpadded image, see
-            ``geometry.valid_grid_hw``) count; default the whole grid.
+            ``resample.valid_grid_hw``) count; default the whole grid.
 
     Returns:
         ``(keep_idx, scores, labels)``: ``(K,)`` int64 query indices (ascending), their ``(K,)`` float32 scores

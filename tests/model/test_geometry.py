@@ -6,17 +6,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import model.geometry as geometry
-
-from model.geometry import (
-    Letterbox,
-    letterbox_for,
-    preprocess_image,
-    resample_argmax_to_image,
-    resample_masks_to_image,
-    resample_to_image,
-    valid_grid_hw,
-)
+import model.resample as resample
+from model.geometry import Letterbox, letterbox_for, preprocess_image
+from model.resample import resample_argmax_to_image, resample_masks_to_image, resample_to_image, valid_grid_hw
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -179,7 +171,7 @@ def test_resample_argmax_equals_argmax_of_resample(image_hw, size, grid, classes
         assert labels.dtype == torch.int64 and labels.shape == image_hw
         expected = resample_to_image(maps.double(), box).argmax(dim=0)
         assert torch.equal(labels, expected)
-        monkeypatch.setattr(geometry, "_CHUNK_ELEMENTS", 1)  # one cell per chunk
+        monkeypatch.setattr(resample, "_CHUNK_ELEMENTS", 1)  # one cell per chunk
         assert torch.equal(resample_argmax_to_image(maps, box), expected)
         monkeypatch.undo()
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import model.geometry as geometry
+import model.resample as resample
 from model.config import InferenceParams
 from model.geometry import letterbox_for
 from model.nms import greedy_mask_nms_loop
@@ -155,7 +155,7 @@ def test_semantic_label_map_matches_reference_and_chunks(monkeypatch):
     label_map = semantic_label_map(feats, text, box)
     assert label_map.shape == IMAGE_HW and label_map.dtype == torch.int64
     np.testing.assert_array_equal(label_map.numpy(), expected)
-    monkeypatch.setattr(geometry, "_CHUNK_ELEMENTS", 1)  # one border cell per chunk
+    monkeypatch.setattr(resample, "_CHUNK_ELEMENTS", 1)  # one border cell per chunk
     torch.testing.assert_close(semantic_label_map(feats, text, box), label_map, rtol=0, atol=0)
     pred = postprocess(torch.zeros(0, GRID, GRID), feats, text, CONCEPTS, box, InferenceParams())
     assert pred.semantic.dtype == np.uint16
@@ -196,7 +196,7 @@ def test_postprocess_is_deterministic_and_chunking_invariant(monkeypatch):
     probs, feats, text = _scene(0)
     box = letterbox_for(IMAGE_HW, 64)
     first = postprocess(probs, feats, text, CONCEPTS, box, InferenceParams())
-    monkeypatch.setattr(geometry, "_CHUNK_ELEMENTS", 1)  # one border cell per chunk
+    monkeypatch.setattr(resample, "_CHUNK_ELEMENTS", 1)  # one border cell per chunk
     second = postprocess(probs, feats, text, CONCEPTS, box, InferenceParams())
     assert first.instances == second.instances
     np.testing.assert_array_equal(first.semantic, second.semantic)
