@@ -98,6 +98,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """One training run, its phases in order: config, setup, world, model, data, the loop, export.
+
+    Longer than the project's 60-line guide on purpose: like nanoGPT's ``train.py``, the run's order is read in one
+    place, each phase a few lines that call ``model.training`` (the loop itself is ``train``)."""
     args = parse_args(argv)
     command = [sys.executable, "-m", "model.train", *(sys.argv[1:] if argv is None else argv)]
 
