@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from model.mask_iou import flatten_masks, mask_areas, mask_iou_matrix
+from model.rle import masks_to_boxes_xywh  # boxes are the RLE module's concept
 
 
 def _check_candidates(masks: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> int:
@@ -115,8 +116,6 @@ def _greedy_pass_matrix(masks: torch.Tensor, order: torch.Tensor, labels_sorted:
 
 def _greedy_pass_cropped(masks: torch.Tensor, order: torch.Tensor, labels_sorted: torch.Tensor, alive: np.ndarray,
                          iou_threshold: float) -> list[int]:
-    from model.rle import masks_to_boxes_xywh  # boxes are the RLE module's concept
-
     masks3 = masks if masks.ndim == 3 else masks[:, None, :]  # (N, H, W), input order
     src = order.cpu().numpy()  # sorted position -> input index
     areas = mask_areas(masks3).cpu().numpy().astype(np.float64)[src]
