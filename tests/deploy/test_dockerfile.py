@@ -143,6 +143,7 @@ def test_image_carries_no_training_code():
         assert not dockerignore_excludes(path), path
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and open_clip
 def test_service_runs_from_what_the_image_copies(tmp_path):
     # The image's model/ and service/ (its COPY sources minus .dockerignore), alone on the path: the service, the
     # CLI and the converter import, and no training module can be found.

@@ -76,6 +76,7 @@ def test_training_entry_points_are_thin(entry):
     assert any(m.startswith("model.training.") for m in imported_modules(path))
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and open_clip
 def test_serving_loads_no_training_code_and_no_training_dependency():
     # A fresh interpreter imports what the service and the CLI import, then reports what got loaded.
     code = ("import json, sys\n"
