@@ -149,10 +149,20 @@ def test_shipped_shapes_configs_parse_and_differ_only_where_named():
     assert "model/configs/shapes_clip.json" in clip["description"] and clip["steps"] and clip["dense_weight"] > 0
     # the ladder's rungs and the shipped recipe's ablations each differ from it only where named
     for name, changed in (("r2_oracle.json", {"world"}), ("r3_no_copy_paste.json", {"synthesis"}),
-                          ("r3_seed1.json", {"optim"})):
+                          ("r3_seed1.json", {"optim"}), ("r3_grad.json", {"model"})):
         variant = json.loads((SHIPPED / "ladder" / name).read_text())
         assert _differing_sections(main_cfg, variant) == changed, name
         TrainConfig.from_dict(variant)
+    grad = json.loads((SHIPPED / "ladder" / "r3_grad.json").read_text())["model"]
+    assert {k for k in set(grad) | set(main_cfg["model"]) if grad.get(k) != main_cfg["model"].get(k)} == \
+        {"mask_stop_gradient"}
+    # the R1 lever study: the shipped CLIP recipe at 64 and 128 px on an equal wall-clock budget
+    for size in (64, 128):
+        lever = json.loads((SHIPPED / "ladder" / f"r1_{size}px_20min.json").read_text())
+        resized = {"model_config"} if size != clip["model_config"]["clip_config"]["vision_cfg"]["image_size"] else set()
+        assert _differing_sections(clip, lever) == {"steps", "minutes", "threads"} | resized, size
+        assert lever["model_config"]["clip_config"]["vision_cfg"]["image_size"] == size and lever["minutes"] == 20
+        ClipRecipe.from_dict(lever)
     oracle = TrainConfig.from_dict(json.loads((SHIPPED / "ladder" / "r2_oracle.json").read_text()))
     assert oracle.world == dataclasses.replace(cfg.world, masks="truth")
 
