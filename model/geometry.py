@@ -46,6 +46,21 @@ class Placement(Protocol):
 
 
 
+def check_placement_sizes(image_hw: tuple[int, int], resized_hw: tuple[int, int], bound: int, bound_name: str,
+                          misfit: str) -> None:
+    """The checks every placement makes on construction: a positive image size ``(H, W)``, a positive ``bound``
+    (the letterbox side ``S`` or the native cap, called ``bound_name`` in the message), and a resized size
+    ``(rh, rw)`` within it (else ``ValueError``: "resized size ... <misfit>")."""
+    h, w = image_hw
+    rh, rw = resized_hw
+    if h < 1 or w < 1:
+        raise ValueError(f"image size must be positive, got (H, W) = {image_hw}")
+    if bound < 1:
+        raise ValueError(f"{bound_name} must be positive, got {bound}")
+    if not (1 <= rh <= bound and 1 <= rw <= bound):
+        raise ValueError(f"resized size {resized_hw} {misfit}")
+
+
 @dataclass(frozen=True)
 class Letterbox:
     """Where an ``(H, W)`` image sits inside the square ``S x S`` network input.
@@ -59,14 +74,8 @@ class Letterbox:
     resized_hw: tuple[int, int]
 
     def __post_init__(self) -> None:
-        h, w = self.image_hw
-        rh, rw = self.resized_hw
-        if h < 1 or w < 1:
-            raise ValueError(f"image size must be positive, got (H, W) = {self.image_hw}")
-        if self.input_size < 1:
-            raise ValueError(f"input size must be positive, got {self.input_size}")
-        if not (1 <= rh <= self.input_size and 1 <= rw <= self.input_size):
-            raise ValueError(f"resized size {self.resized_hw} does not fit in a {self.input_size}^2 input")
+        check_placement_sizes(self.image_hw, self.resized_hw, self.input_size, "input size",
+                              f"does not fit in a {self.input_size}^2 input")
 
     @property
     def valid_hw(self) -> tuple[int, int]:
@@ -177,5 +186,5 @@ def normalise_pixels(pil: "Image.Image", size_hw: tuple[int, int], mean: Sequenc
     return out.div_(255.0).sub_(mean_t).div_(std_t)
 
 
-__all__ = ["GEOMETRIES", "check_geometry", "Placement", "Letterbox", "letterbox_for", "as_rgb_pil", "preprocess_image",
-           "normalise_pixels"]
+__all__ = ["GEOMETRIES", "check_geometry", "Placement", "check_placement_sizes", "Letterbox", "letterbox_for",
+           "as_rgb_pil", "preprocess_image", "normalise_pixels"]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from model.geometry import as_rgb_pil, normalise_pixels
+from model.geometry import as_rgb_pil, check_placement_sizes, normalise_pixels
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -36,14 +36,7 @@ class NativeSize:
     resized_hw: tuple[int, int]
 
     def __post_init__(self) -> None:
-        h, w = self.image_hw
-        rh, rw = self.resized_hw
-        if h < 1 or w < 1:
-            raise ValueError(f"image size must be positive, got (H, W) = {self.image_hw}")
-        if self.cap < 1:
-            raise ValueError(f"the size cap must be positive, got {self.cap}")
-        if not (1 <= rh <= self.cap and 1 <= rw <= self.cap):
-            raise ValueError(f"resized size {self.resized_hw} exceeds the cap {self.cap}")
+        check_placement_sizes(self.image_hw, self.resized_hw, self.cap, "the size cap", f"exceeds the cap {self.cap}")
 
     @property
     def input_hw(self) -> tuple[int, int]:
