@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.reports import write_json_report  # noqa: E402 (importable once the line above ran)
+
 
 def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                      num_classes: int, steps: int = 300, seed: int = 0) -> float:
@@ -193,10 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"shape {probes['token_shape']:.3f} ({probes['token_test_samples']} test tokens); per object colour "
           f"{probes['object_colour']:.3f}, shape {probes['object_shape']:.3f} ({probes['object_test_samples']} "
           "test objects)")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+    write_json_report(args.out, result)
     return 0
 
 

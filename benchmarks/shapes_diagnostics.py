@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.reports import write_json_report  # noqa: E402 (importable once the line above ran)
+
 SMALL_AREA_PX = 400  # about the median object area of the 128-px test scenes
 
 
@@ -215,10 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["token_probes"][name] = probe
             print(f"{name}: linear probe on object tokens of held-out scenes: colour {probe['colour_accuracy']:.3f}, "
                   f"shape {probe['shape_accuracy']:.3f} (chance 0.125; {probe['test_tokens']} test tokens)")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+    write_json_report(args.out, result)
     return 0
 
 

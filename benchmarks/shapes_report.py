@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.reports import write_json_report  # noqa: E402 (importable once the line above ran)
+
 
 def split_metrics(report: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     """``{"all" | "seen" | "unseen": {"AP", "AP50", "AP75", "mIoU"}}`` from a ``model.evaluate`` report."""
@@ -151,10 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          for s, m in metrics.items()))
     if "training_data" in result:
         print(json.dumps(result["training_data"]))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+    write_json_report(args.out, result)
     return 0
 
 
