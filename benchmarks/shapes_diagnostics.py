@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.reports import write_json_report  # noqa: E402 (importable once the line above ran)
+from benchmarks.clip_probe import fit_linear_probe  # noqa: E402 (importable once the line above ran)
+from benchmarks.reports import write_json_report  # noqa: E402
 
 SMALL_AREA_PX = 400  # about the median object area of the 128-px test scenes
 
@@ -154,22 +155,8 @@ def token_probe(encoder: Any, scenes: Path, max_images: int | None, image_size: 
         values = sorted({c[name] for c in cats})
         target = np.array([-1] + [values.index(c[name]) for c in cats])
         train, test = on_object & half, on_object & ~half
-        xt, xe = torch.from_numpy(feats[train]), torch.from_numpy(feats[test])
-        mu, sd = xt.mean(0), xt.std(0) + 1e-6
-        xt, xe = (xt - mu) / sd, (xe - mu) / sd
-        yt = torch.from_numpy(target[centre[train]])
-        gen = torch.Generator().manual_seed(seed)
-        weight = (0.01 * torch.randn(xt.shape[1], len(values), generator=gen)).requires_grad_()
-        bias = torch.zeros(len(values), requires_grad=True)
-        opt = torch.optim.Adam([weight, bias], lr=1e-2)
-        for _ in range(steps):
-            loss = F.cross_entropy(xt @ weight + bias, yt) + 1e-3 * weight.square().sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            predicted = (xe @ weight + bias).argmax(1).numpy()
-        result[f"{name}_accuracy"] = float((predicted == target[centre[test]]).mean())
+        result[f"{name}_accuracy"] = fit_linear_probe(feats[train], target[centre[train]], feats[test],
+                                                      target[centre[test]], len(values), steps, seed)
     result["train_tokens"], result["test_tokens"] = int((on_object & half).sum()), int((on_object & ~half).sum())
     return result
 

@@ -46,17 +46,22 @@ class Placement(Protocol):
 
 
 
-def check_placement_sizes(image_hw: tuple[int, int], resized_hw: tuple[int, int], bound: int, bound_name: str,
-                          misfit: str) -> None:
-    """The checks every placement makes on construction: a positive image size ``(H, W)``, a positive ``bound``
-    (the letterbox side ``S`` or the native cap, called ``bound_name`` in the message), and a resized size
-    ``(rh, rw)`` within it (else ``ValueError``: "resized size ... <misfit>")."""
+def check_image_and_bound(image_hw: tuple[int, int], bound: int, bound_name: str) -> None:
+    """A positive image size ``(H, W)`` and a positive ``bound`` (the letterbox side ``S`` or the native cap, called
+    ``bound_name`` in the message), else ``ValueError``: what every geometry checks before placing an image."""
     h, w = image_hw
-    rh, rw = resized_hw
     if h < 1 or w < 1:
-        raise ValueError(f"image size must be positive, got (H, W) = {image_hw}")
+        raise ValueError(f"image size must be positive, got (H, W) = {tuple(image_hw)}")
     if bound < 1:
         raise ValueError(f"{bound_name} must be positive, got {bound}")
+
+
+def check_placement_sizes(image_hw: tuple[int, int], resized_hw: tuple[int, int], bound: int, bound_name: str,
+                          misfit: str) -> None:
+    """The checks every placement makes on construction: ``check_image_and_bound``, and a resized size
+    ``(rh, rw)`` within the bound (else ``ValueError``: "resized size ... <misfit>")."""
+    check_image_and_bound(image_hw, bound, bound_name)
+    rh, rw = resized_hw
     if not (1 <= rh <= bound and 1 <= rw <= bound):
         raise ValueError(f"resized size {resized_hw} {misfit}")
 
@@ -107,10 +112,7 @@ def letterbox_for(image_hw: Sequence[int], input_size: int) -> Letterbox:
         raise ValueError(f"image_hw must be (H, W), got {tuple(image_hw)}")
     h, w = (int(v) for v in image_hw)
     s = int(input_size)
-    if h < 1 or w < 1:
-        raise ValueError(f"image size must be positive, got (H, W) = ({h}, {w})")
-    if s < 1:
-        raise ValueError(f"input size must be positive, got {input_size}")
+    check_image_and_bound((h, w), s, "input size")
     longest = max(h, w)
     # H * S / max(H, W) rather than H * (S / max): the longer side then comes out as exactly S.
     resized = (max(1, round(h * s / longest)), max(1, round(w * s / longest)))
@@ -186,5 +188,5 @@ def normalise_pixels(pil: "Image.Image", size_hw: tuple[int, int], mean: Sequenc
     return out.div_(255.0).sub_(mean_t).div_(std_t)
 
 
-__all__ = ["GEOMETRIES", "check_geometry", "Placement", "check_placement_sizes", "Letterbox", "letterbox_for",
-           "as_rgb_pil", "preprocess_image", "normalise_pixels"]
+__all__ = ["GEOMETRIES", "check_geometry", "Placement", "check_image_and_bound", "check_placement_sizes", "Letterbox",
+           "letterbox_for", "as_rgb_pil", "preprocess_image", "normalise_pixels"]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from model.geometry import as_rgb_pil, check_placement_sizes, normalise_pixels
+from model.geometry import as_rgb_pil, check_image_and_bound, check_placement_sizes, normalise_pixels
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -64,10 +64,7 @@ def native_size_for(image_hw: Sequence[int], cap: int) -> NativeSize:
         raise ValueError(f"image_hw must be (H, W), got {tuple(image_hw)}")
     h, w = (int(v) for v in image_hw)
     cap = int(cap)
-    if h < 1 or w < 1:
-        raise ValueError(f"image size must be positive, got (H, W) = ({h}, {w})")
-    if cap < 1:
-        raise ValueError(f"the size cap must be positive, got {cap}")
+    check_image_and_bound((h, w), cap, "the size cap")
     if max(h, w) <= cap:
         return NativeSize((h, w), cap, (h, w))
     if w > h:
