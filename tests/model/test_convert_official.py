@@ -28,11 +28,10 @@ from model.convert_official import (
 from model.vocabularies import load_vocabulary
 from model.network import ZUTIS
 from model.predictor import Predictor
+from tests.model.conftest import tiny_official_conversion
 from tests.model.official_reference import (
-    TINY,
     TINY_CLIP,
     TINY_VIT,
-    encode_text,
     official_forward,
     predict,
     random_official_state_dict,
@@ -44,20 +43,9 @@ SIZE = 64  # native resolution = the tiny config's input size: the letterbox is 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("official")
-    state = random_official_state_dict(**TINY, seed=0)
-    clip = random_openai_clip_state_dict(**TINY_CLIP, seed=1)
-    zutis_path, clip_path = root / "coco_vit_tiny.pt", root / "ViT-tiny.pt"
-    torch.save(state, zutis_path)
-    torch.save(clip, clip_path)
-    out = convert_official(zutis_path, clip_path, "coco", root / "converted.safetensors",
-                           model_config=tiny_test_config(), command="test-command")
-    predictor = Predictor.from_checkpoint(out, device="cpu", dtype="float32", input_size=SIZE)
-    import open_clip  # only for its BPE tokenizer (the official code uses OpenAI's identical one)
-
-    tokens = open_clip.tokenizer.SimpleTokenizer(context_length=16)(load_vocabulary("coco"))
-    return {"state": state, "clip": clip, "zutis_path": zutis_path, "clip_path": clip_path, "out": out,
-            "predictor": predictor, "text_ref": encode_text(clip, tokens, heads=2)}
+    converted = tiny_official_conversion(tmp_path_factory.mktemp("official"), command="test-command")
+    converted["predictor"] = Predictor.from_checkpoint(converted["out"], device="cpu", dtype="float32", input_size=SIZE)
+    return converted
 
 
 def _image(seed: int) -> np.ndarray:

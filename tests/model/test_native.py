@@ -15,25 +15,14 @@ import torch.nn.functional as F
 
 from model.checkpoint import read_metadata
 from model.config import tiny_test_config
-from model.convert_official import convert_official
 from model.vocabularies import load_vocabulary
 from model.native import NativeSize, native_size_for, padded_fraction, preprocess_native
 from model.network import ZUTIS
 from model.predictor import Predictor
 from model.rle import decode_rle
 from service.schema import build_response
-from tests.model.conftest import make_tiny_checkpoint
-from tests.model.official_reference import (
-    TINY,
-    TINY_CLIP,
-    TINY_VIT,
-    encode_text,
-    official_forward,
-    official_preprocess,
-    predict,
-    random_official_state_dict,
-    random_openai_clip_state_dict,
-)
+from tests.model.conftest import make_tiny_checkpoint, tiny_official_conversion
+from tests.model.official_reference import TINY_VIT, official_forward, official_preprocess, predict
 
 CAP = 640
 SMALL_SIZES = [(120, 160), (160, 213), (111, 167), (167, 111)]  # 240x320, 480x640, 333x500, 500x333 scaled
@@ -42,19 +31,9 @@ LISTED_SIZES = [(240, 320), (480, 640), (333, 500), (500, 333)]
 
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
-    root = tmp_path_factory.mktemp("native")
-    state = random_official_state_dict(**TINY, seed=0)
-    clip = random_openai_clip_state_dict(**TINY_CLIP, seed=1)
-    zutis_path, clip_path = root / "coco_vit_tiny.pt", root / "ViT-tiny.pt"
-    torch.save(state, zutis_path)
-    torch.save(clip, clip_path)
-    out = convert_official(zutis_path, clip_path, "coco", root / "converted.safetensors",
-                           model_config=tiny_test_config(), command="test")
-    import open_clip  # only for its BPE tokenizer
-
-    tokens = open_clip.tokenizer.SimpleTokenizer(context_length=16)(load_vocabulary("coco"))
-    return {"state": state, "out": out, "text_ref": encode_text(clip, tokens, heads=2),
-            "predictor": Predictor.from_checkpoint(out, device="cpu", dtype="float32", input_size=CAP)}
+    converted = tiny_official_conversion(tmp_path_factory.mktemp("native"))
+    converted["predictor"] = Predictor.from_checkpoint(converted["out"], device="cpu", dtype="float32", input_size=CAP)
+    return converted
 
 
 def structured_image(hw: tuple[int, int], seed: int) -> np.ndarray:
