@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -89,6 +90,13 @@ def make_client(service_checkpoint) -> Iterator[Callable[..., Any]]:
 def segment(client: TestClient, image: bytes, concepts: str | list[str], **fields: Any):
     data: dict[str, Any] = {"concepts": concepts, **{k: str(v) for k, v in fields.items()}}
     return client.post("/segment", files={"image": ("image.png", image, "image/png")}, data=data)
+
+
+def segment_together(client: TestClient, requests: list[tuple[bytes, str | list[str]]], **fields: Any) -> list:
+    """``(image, concepts)`` requests sent at once, one thread each, so that the service may batch them; the
+    responses in request order."""
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(lambda item: segment(client, item[0], item[1], **fields), requests))
 
 
 class InstrumentedPredictor(Predictor):

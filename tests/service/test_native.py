@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from service.batcher import Job, choose_batch
 from service.engine import Engine, EngineConfig
 from service.metrics import Metrics
 from service.settings import Settings
-from tests.service.conftest import InstrumentedPredictor, png_bytes, segment
+from tests.service.conftest import InstrumentedPredictor, png_bytes, segment, segment_together
 from tests.service.test_segment import MASK_THRESHOLD, metric_value, without_timings
 
 # (H, W) below the tiny checkpoint's cap of 64, most of them not multiples of its patch size 8
@@ -40,12 +39,7 @@ def test_native_concurrent_requests_of_different_sizes_answer_as_alone(make_clie
     requests = [(png_bytes(h, w, seed=i), ["cat,dog", "red circle, blue star", "a,b,c"][i % 3])
                 for i, (h, w) in enumerate(SIZES)]
 
-    def send(item):
-        image, concepts = item
-        return segment(client, image, concepts, mask_threshold=MASK_THRESHOLD)
-
-    with ThreadPoolExecutor(len(requests)) as pool:
-        together = list(pool.map(send, requests))
+    together = segment_together(client, requests, mask_threshold=MASK_THRESHOLD)
     assert [r.status_code for r in together] == [200] * len(requests)
     assert max(int(r.headers["x-batch-size"]) for r in together) > 1
     metrics = client.get("/metrics").text
@@ -53,7 +47,7 @@ def test_native_concurrent_requests_of_different_sizes_answer_as_alone(make_clie
     assert metric_value(metrics, "zutis_batch_padding_ratio_sum") > 0
     assert metric_value(metrics, "zutis_batch_padding_ratio_count") == metric_value(metrics, "zutis_batch_size_count")
 
-    alone = [send(item) for item in requests]
+    alone = [segment(client, image, concepts, mask_threshold=MASK_THRESHOLD) for image, concepts in requests]
     assert all(int(r.headers["x-batch-size"]) == 1 for r in alone)
     for (h, w), t, a in zip(SIZES, together, alone):
         assert t.json()["image"] == {"width": w, "height": h}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
@@ -14,7 +13,7 @@ from pycocotools import mask as mask_utils
 from model.predictor import Predictor
 from model.rle import decode_semantic_png
 from service.schema import SegmentResponse, build_response
-from tests.service.conftest import png_bytes, segment
+from tests.service.conftest import png_bytes, segment, segment_together
 from tests.service.test_upload import oriented_jpeg
 
 # The tiny random model's mask probabilities sit around 0.43-0.48: this threshold gives it a few instances.
@@ -81,12 +80,7 @@ def test_concurrent_mixed_vocabularies_share_batches_and_answer_as_alone(make_cl
     requests = [(png_bytes(24 + 5 * (i % 7), 60 - 3 * (i % 5), seed=i), vocabularies[i % len(vocabularies)])
                 for i in range(16)]
 
-    def send(item):
-        image, concepts = item
-        return segment(client, image, concepts, mask_threshold=MASK_THRESHOLD)
-
-    with ThreadPoolExecutor(len(requests)) as pool:
-        together = list(pool.map(send, requests))
+    together = segment_together(client, requests, mask_threshold=MASK_THRESHOLD)
     assert [r.status_code for r in together] == [200] * len(requests)
     metrics = client.get("/metrics").text
     batches = metric_value(metrics, "zutis_batch_size_count")
@@ -95,7 +89,7 @@ def test_concurrent_mixed_vocabularies_share_batches_and_answer_as_alone(make_cl
     assert max(int(r.headers["x-batch-size"]) for r in together) > 1
     assert metric_value(metrics, "zutis_batch_size_sum") == len(requests)  # every image once, warm-up not counted
 
-    alone = [send(item) for item in requests]
+    alone = [segment(client, image, concepts, mask_threshold=MASK_THRESHOLD) for image, concepts in requests]
     assert all(int(r.headers["x-batch-size"]) == 1 for r in alone)
     assert [without_timings(r.json()) for r in together] == [without_timings(r.json()) for r in alone]
     assert sum(len(r.json()["instances"]) for r in alone) > 0, "no instances: the comparison would miss the masks"
