@@ -43,7 +43,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.geometry_bench import coco_like_jpegs  # noqa: E402
-from benchmarks.load_bench import drive, wait_ready  # noqa: E402
+from benchmarks.live import stop, wait_ready  # noqa: E402
+from benchmarks.load_bench import drive  # noqa: E402
 
 CONCEPTS = ["person", "car", "chair", "dog", "cup"]
 
@@ -150,11 +151,7 @@ def bench_service(checkpoint: Path, device: str, dtype: str, geometry: str, inpu
             latencies, wall = drive(url, jpegs, clients, requests)
             after = batch_stats(url)
         finally:
-            process.terminate()
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop(process, 60)
     batches = after[1] - before[1]
     return {"batch_size": batch_size, "clients": clients, "requests": requests,
             "images_per_s": round(requests / wall, 3), **percentiles(latencies),

@@ -30,13 +30,17 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.live import free_port, rss_mb, stop, wait_ready  # noqa: E402 (importable once the line above ran)
+
 PROTOCOLS = ("bounded", "httptools", "h11", "h11-64k")
 
 
 def serve(protocol: str, port: int, lag_file: Path) -> None:
     """Child process: the service's app under uvicorn with ``protocol``; event-loop lag samples (monotonic time,
     seconds late) appended to ``lag_file`` twice a second."""
-    sys.path.insert(0, str(ROOT))
     import asyncio
 
     import uvicorn
@@ -73,19 +77,6 @@ def serve(protocol: str, port: int, lag_file: Path) -> None:
         watcher.cancel()
 
     asyncio.run(main())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def attack_once(port: int, size: int) -> tuple[str, float]:
@@ -148,16 +139,7 @@ def run(protocol: str, checkpoint: str, attackers: int, seconds: float, size: in
                                stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError(f"{protocol}: the service did not become ready")
-            time.sleep(0.2)
+        wait_ready(base, process, 120, poll_s=0.2)
         rss_before = rss_mb(process.pid)
         quiet: list[float] = []
         probe(base, threading.Event(), 3.0, quiet)
@@ -194,11 +176,7 @@ def run(protocol: str, checkpoint: str, attackers: int, seconds: float, size: in
                 "attack_seconds_p50": round(statistics.median(s for _, s in results), 3) if results else None,
                 "rss_mb_before": round(rss_before, 1), "rss_mb_peak": round(rss_peak, 1)}
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process, 30)
 
 
 def main() -> int:

@@ -35,6 +35,11 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.live import stop, wait_ready  # noqa: E402 (importable once the line above ran)
+
 VOCABULARIES = [
     ["cat", "dog"],
     ["person", "bicycle", "car", "traffic light"],
@@ -104,23 +109,6 @@ def start_service(args: argparse.Namespace, log_path: Path) -> subprocess.Popen:
     log = open(log_path, "wb")
     return subprocess.Popen([sys.executable, "-m", "service"], stdout=log, stderr=subprocess.STDOUT, env=env,
                             cwd=REPO_ROOT)
-
-
-def wait_ready(url: str, process: subprocess.Popen | None, timeout_s: float, log_path: Path) -> None:
-    import httpx
-
-    end = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if process is not None and process.poll() is not None:
-            raise SystemExit(f"the service exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        if time.monotonic() > end:
-            raise SystemExit(f"the service was not ready within {timeout_s:.0f} s")
-        time.sleep(1.0)
 
 
 def drive(url: str, images: list[bytes], clients: int, total: int) -> tuple[list[float], float]:
@@ -278,8 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             single_local.append(local.single(i))
     finally:
         if process is not None:
-            process.terminate()
-            process.wait(120)
+            stop(process, 120)
 
     mean_batch = batch_sums[0] / max(batch_sums[1], 1)
     batch = max(1, round(mean_batch))

@@ -37,23 +37,12 @@ import httpx
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.live import free_port, rss_mb, wait_ready  # noqa: E402 (importable once the line above ran)
+
 CONCEPTS = ["red circle", "blue star", "green heart", "yellow square", "purple triangle", "cat", "orange ring"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -201,16 +190,7 @@ def main() -> int:
     with open(args.service_log, "wb") as log:
         service = subprocess.Popen([sys.executable, "-m", "service"], env=env, cwd=ROOT, stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if service.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the service did not become ready")
-            time.sleep(0.5)
+        wait_ready(base, service, 180, args.service_log)
         print(f"ready; RSS {rss_mb(service.pid):.1f} MB; soaking for {args.minutes:g} min with {args.clients} clients",
               flush=True)
 
