@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = prov["config"]
     scenes = args.scenes or Path(config["eval"]["image_dir"]).parent
     world = ShapesWorld()
-    subsets = {s: [world.concept_name(i) for i in world.split_ids(s)] for s in ("seen", "unseen")}
+    subsets = {split: world.split_names(split) for split in ("seen", "unseen")}
     result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "scenes": str(scenes),
                               "default_temperature": meta.inference.temperature,
                               "score_threshold": meta.inference.score_threshold,

@@ -125,7 +125,7 @@ class TrainConfig:
                                  "training scenes must never be evaluation scenes")
             d.setdefault("vocabulary", labelling_vocabulary(oracle.labels))
             d.setdefault("export_vocabulary", labelling_vocabulary(oracle.labels))
-        vocab = d.get("vocabulary") or (world_concepts(world.train_split) if world else None)
+        vocab = d.get("vocabulary") or (ShapesWorld().split_names(world.train_split) if world else None)
         if vocab is None:
             raise ValueError("config needs 'vocabulary' (or a 'world' section whose split provides it)")
         if isinstance(vocab, str):
@@ -138,7 +138,7 @@ class TrainConfig:
         synth.setdefault("image_mean", model.image_mean)
         synth.setdefault("image_std", model.image_std)
         data = _section(DataConfig, d.get("data", {}), "data")
-        export_vocab = d.get("export_vocabulary") or (world_concepts("all") if world else None)
+        export_vocab = d.get("export_vocabulary") or (ShapesWorld().split_names("all") if world else None)
         if d.get("export_dtype", "float32") not in EXPORT_DTYPES:
             raise ValueError(f"export_dtype must be one of {sorted(EXPORT_DTYPES)}, got {d['export_dtype']!r}")
         InferenceParams.from_dict(d.get("inference", {}))  # validates names and values now
@@ -165,22 +165,16 @@ class TrainConfig:
 EXPORT_DTYPES = {"float32": None, "float16": torch.float16}
 
 
-def world_concepts(split: str) -> list[str]:
-    world = ShapesWorld()
-    return [world.concept_name(i) for i in world.split_ids(split)]
-
-
 def with_world(cfg: TrainConfig, world: World) -> TrainConfig:
     """``cfg`` with the paths the world's stages built: CLIP, index (and its truth for ``masks: "truth"``), the
     test scenes as ``eval`` (with seen/unseen subsets) and the validation scenes as ``val``; of the config's own
     ``eval`` / ``val`` sections only ``max_images``, ``score_threshold`` and ``class_agnostic`` are kept."""
-    shapes = ShapesWorld()
     data = dataclasses.replace(
         cfg.data, index_dirs=(str(world.index_images),),
         # absolute, as the retrieval lists (model.index records absolute paths): the oracle's masks are keyed by it
         ground_truth={"annotations": str(world.index_truth), "image_dir": os.path.abspath(world.index_images)}
         if cfg.world.masks == "truth" else cfg.data.ground_truth)
-    subsets = {s: [shapes.concept_name(i) for i in shapes.split_ids(s)] for s in ("seen", "unseen")}
+    subsets = {s: ShapesWorld().split_names(s) for s in ("seen", "unseen")}
 
     def scenes(folder: Path, given: EvalConfig | None, **kw: Any) -> EvalConfig:
         return EvalConfig(image_dir=str(folder / "images"), annotations=str(folder / "instances.json"),
@@ -266,5 +260,5 @@ def validate_inputs(cfg: TrainConfig) -> None:
                          f"{len(cfg.vocabulary)} (ImageNet-S919 uses 1000)")
 
 
-__all__ = ["OptimConfig", "EvalConfig", "OracleScenesConfig", "TrainConfig", "EXPORT_DTYPES", "world_concepts",
+__all__ = ["OptimConfig", "EvalConfig", "OracleScenesConfig", "TrainConfig", "EXPORT_DTYPES",
            "with_world", "with_oracle_scenes", "load_config", "validate_inputs"]

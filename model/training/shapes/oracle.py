@@ -39,8 +39,7 @@ def labelling_vocabulary(labels: str) -> list[str]:
     if labels == "colour":
         return list(COLOURS)
     if labels == "concept":
-        world = ShapesWorld()
-        return [world.concept_name(i) for i in world.split_ids("all")]
+        return ShapesWorld().split_names("all")
     raise ValueError(f"labels must be one of {list(LABELLINGS)}, got {labels!r}")
 
 

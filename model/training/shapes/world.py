@@ -132,6 +132,10 @@ class ShapesWorld:
             return tuple(range(1, self.num_concepts + 1))
         raise ValueError(f"unknown split {split!r}; expected 'seen', 'unseen' or 'all'")
 
+    def split_names(self, split: str) -> list[str]:
+        """Concept names of ``split`` ("seen", "unseen" or "all"), in concept-id order."""
+        return [self.concept_name(i) for i in self.split_ids(split)]
+
 
 # -- captions ----------------------------------------------------------------------------------------------------
 
