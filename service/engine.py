@@ -82,7 +82,6 @@ class Answer:
     body: bytes
     timings: Timings
     batch_size: int
-    num_instances: int
     model_id: str
 
 
@@ -231,7 +230,7 @@ class Engine:
             model_id = forward.predictor.model_id
             body = build_response(prediction, model_id, job.semantic, timings).model_dump_json()
             self._metrics.instances_per_image.observe(len(prediction.instances))
-            job.future.set_result(Answer(body.encode(), timings, forward.size, len(prediction.instances), model_id))
+            job.future.set_result(Answer(body.encode(), timings, forward.size, model_id))
         except BaseException as exc:  # noqa: BLE001 - delivered to the request
             log.exception("post-processing failed")
             job.future.set_exception(exc)
