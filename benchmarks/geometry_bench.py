@@ -31,6 +31,8 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.reports import write_json_report  # noqa: E402 (importable once the line above ran)
+
 # (H, W) of COCO images, most common first (val2017: 640x480 and 480x640 are about half of all images).
 COCO_SIZES = [(480, 640), (427, 640), (640, 480), (480, 640), (640, 427), (424, 640), (375, 500), (360, 640),
               (612, 612), (512, 640), (480, 640), (500, 375), (426, 640), (640, 428), (333, 500), (480, 640)]
@@ -159,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             results[key][f"{measure}_vs_letterbox"] = round(results[key][measure] / results["letterbox"][measure],
                                                             3)
     print(json.dumps(results, indent=2))
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json_report(args.json_out, results, announce=False)
     return 0
 
 

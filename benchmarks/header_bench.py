@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.live import free_port, rss_mb, stop, wait_ready  # noqa: E402 (importable once the line above ran)
+from benchmarks.reports import write_json_report  # noqa: E402
 
 PROTOCOLS = ("bounded", "httptools", "h11", "h11-64k")
 
@@ -204,8 +205,7 @@ def main() -> int:
         report = run(protocol, args.checkpoint, args.attackers, args.seconds, args.header_mb << 20, args.interval)
         print(json.dumps(report), flush=True)
         reports.append(report)
-    if args.out:
-        args.out.write_text(json.dumps(reports, indent=2))
+    write_json_report(args.out, reports, announce=False)
     return 0
 
 

@@ -41,6 +41,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.reports import write_json_report  # noqa: E402 (importable once the line above ran)
+
 IMAGE_HW = (480, 640)
 INSTANCES = 10
 CLASSES = 6
@@ -196,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = measure(args.repeats)
     print(json.dumps(result, indent=2))
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json_report(args.json_out, result, announce=False)
     return 0
 
 

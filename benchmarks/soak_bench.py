@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.live import free_port, rss_mb, wait_ready  # noqa: E402 (importable once the line above ran)
+from benchmarks.reports import write_json_report  # noqa: E402
 
 CONCEPTS = ["red circle", "blue star", "green heart", "yellow square", "purple triangle", "cat", "orange ring"]
 
@@ -256,8 +257,7 @@ def main() -> int:
               f"valid p50 {m['valid_p50_ms']} ms p99 {m['valid_p99_ms']} ms, RSS {m['rss_mb']} MB, "
               f"load {m['load_average']}", flush=True)
     print(json.dumps({k: v for k, v in report.items() if k != "minutes"}), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+    write_json_report(args.out, report, announce=False)
     return 0 if report["5xx"] == 0 and exit_status == 0 else 1
 
 
