@@ -18,6 +18,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's input normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MASK_POSITIONS = (None, "sine")
+CLIP_FIELDS = ("clip_model", "clip_config", "conv_stem")  # what builds the CLIP towers (model.backbone)
 _OPT_IN_DEFAULTS = {"mask_position": None, "mask_stop_gradient": True}
 
 
@@ -96,6 +97,14 @@ class ModelConfig:
         if cfg is None:
             raise ValueError(f"unknown open_clip architecture {self.clip_model!r}")
         return json.loads(json.dumps(cfg))
+
+    def clip_architecture(self) -> dict[str, Any]:
+        """The fields that define the CLIP towers alone (``CLIP_FIELDS``: ``clip_model``, ``clip_config``,
+        ``conv_stem``), in ``to_dict`` form. What a CLIP-only computation (an image index, retrieval, CLIP
+        pseudo-mask features) depends on, so that a change to the ZUTIS decoder or heads leaves it alone;
+        ``ModelConfig.from_dict`` of it builds the same towers."""
+        d = self.to_dict()
+        return {k: d[k] for k in CLIP_FIELDS}
 
     @property
     def patch_size(self) -> int:
@@ -185,5 +194,5 @@ def tiny_test_config(**overrides: Any) -> ModelConfig:
     return ModelConfig(**base)
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD", "reject_unknown_keys", "ModelConfig",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD", "CLIP_FIELDS", "reject_unknown_keys", "ModelConfig",
            "InferenceParams", "tiny_test_config"]

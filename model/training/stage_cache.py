@@ -7,6 +7,10 @@ stages it reads. A directory with a ``DONE`` marker is reused as it is; otherwis
 temporary directory that is renamed into place only when complete, so an interrupted build is never mistaken for
 a finished one. Under torchrun, rank 0 builds and the other ranks wait for the marker (``run_or_wait_for_stage``).
 
+When what a stage is keyed on changes but its output does not (its key used to hold something the stage never
+read), the caller passes the old descriptions as ``legacy``: a finished directory under an old key is then adopted
+(renamed to the new key, its ``inputs.json`` rewritten, the old name kept in ``adopted_from``) instead of rebuilt.
+
 This module knows nothing about what the stages are: ``model.training.stages`` (the data and world stages) and
 ``model.training.config`` (the oracle scene stages) use it.
 """
@@ -19,7 +23,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 DONE = "DONE"
 
@@ -40,13 +44,24 @@ def is_done(directory: Path) -> bool:
 
 
 def run_stage(cache_dir: str | Path, name: str, inputs: dict[str, Any], build: Callable[[Path], None],
-              log: Callable[[str], None] = print) -> Path:
+              log: Callable[[str], None] = print, legacy: Sequence[dict[str, Any]] = ()) -> Path:
     """Return the finished output directory of stage ``name`` for ``inputs``, building it with ``build(tmp_dir)``
-    only when no finished one exists. ``inputs.json`` records what the key was computed from."""
+    only when no finished one exists (under this key, or under one of the ``legacy`` descriptions of the same
+    output, which is adopted). ``inputs.json`` records what the key was computed from."""
     final = stage_dir(cache_dir, name, inputs)
     if is_done(final):
         log(f"stage {name}: cached at {final}")
         return final
+    for old_inputs in legacy:
+        old = stage_dir(cache_dir, name, old_inputs)
+        if old != final and is_done(old):
+            if final.exists():  # a stale, unfinished directory
+                shutil.rmtree(final)
+            old.rename(final)
+            (final / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))
+            (final / "adopted_from").write_text(f"{old.name}\n")
+            log(f"stage {name}: cached at {final} (adopted from {old.name}, built under an older key)")
+            return final
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -77,10 +92,11 @@ def wait_for_stage(cache_dir: str | Path, name: str, inputs: dict[str, Any], pol
 
 
 def run_or_wait_for_stage(cache_dir: str | Path, name: str, inputs: dict[str, Any], build: Callable[[Path], None],
-                          is_main: bool, log: Callable[[str], None] = print) -> Path:
+                          is_main: bool, log: Callable[[str], None] = print,
+                          legacy: Sequence[dict[str, Any]] = ()) -> Path:
     """``run_stage`` on the main process (``is_main``), ``wait_for_stage`` on the others."""
     if is_main:
-        return run_stage(cache_dir, name, inputs, build, log=log)
+        return run_stage(cache_dir, name, inputs, build, log=log, legacy=legacy)
     return wait_for_stage(cache_dir, name, inputs)
 
 

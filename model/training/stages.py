@@ -5,7 +5,10 @@
 files up front; ``clip_normalisation`` reads the normalisation a CLIP file's index must use. ``prepare_world``
 builds what a run "from nothing" starts with (``WorldConfig``: the shapes world's unlabelled index, validation and
 test scenes, and its tiny CLIP pre-trained on all concepts). Every stage is cached by
-``model.training.stage_cache`` under a key of its inputs (the dicts built here).
+``model.training.stage_cache`` under a key of its inputs (the dicts built here: ``index_stage_inputs``,
+``retrieval_stage_inputs``, ``pseudo_mask_stage_inputs``). A stage is keyed on what it reads: the CLIP stages on
+the CLIP's own architecture fields, never on the ZUTIS decoder or heads, so a head-only change reuses them; caches
+built under the older keys (which held the whole ModelConfig) are adopted, not rebuilt.
 
 Fingerprints: a file is hashed by content (SHA-256); an image folder by the sorted list of its files' relative
 paths, sizes and modification times (hashing the content of millions of images would take longer than the stage).
@@ -248,17 +251,56 @@ def prepare_training_data(data: DataConfig, vocabulary: Sequence[str], clip_weig
     return TrainingData(retrieval, annotations, provenance)
 
 
+def index_stage_inputs(data: DataConfig, clip_weights: str, model_config: ModelConfig,
+                       _arch: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the index stage is keyed on: the image folders' fingerprints, the retrieval CLIP file's content, the
+    CLIP's own architecture fields (``ModelConfig.clip_architecture``: never the ZUTIS decoder or heads) and, for a
+    CLIP trained with another normalisation, that normalisation."""
+    weights, arch = _retrieval_clip(data, clip_weights, model_config)
+    mean, std = clip_normalisation(weights)
+    inputs = {"image_dirs": {d: folder_fingerprint(d) for d in data.index_dirs},
+              "clip_weights": file_sha256(weights), "clip_model": arch if _arch is None else _arch}
+    if (mean, std) != (CLIP_MEAN, CLIP_STD):  # only then, so that existing index caches keep their keys
+        inputs["normalisation"] = {"mean": list(mean), "std": list(std)}
+    return inputs
+
+
+def retrieval_stage_inputs(data: DataConfig, vocabulary: Sequence[str], index_inputs: dict[str, Any]
+                           ) -> dict[str, Any]:
+    """What the retrieval stage is keyed on: the index stage's key, the concepts, ``retrieval_n`` and the templates."""
+    return {"index": stage_key(index_inputs), "concepts": list(vocabulary), "n": data.retrieval_n,
+            "templates": data.retrieval_templates}
+
+
+def pseudo_mask_stage_inputs(data: DataConfig, paths: Sequence[str], clip_weights: str, model_config: ModelConfig,
+                             _arch: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the pseudo-mask stage is keyed on: the image paths, the extractors, their options and weight files, and
+    (only with the "clip" extractor) the retrieval CLIP's file and own architecture fields."""
+    options = dict(data.pseudo_masks)
+    names = list(options.pop("extractors", ["colour"]))
+    weights = {k: options.pop(k, None) for k in ("dino_weights", "moco_weights")}
+    clip_file, clip_arch = _retrieval_clip(data, clip_weights, model_config)
+    return {"images": stage_key({"paths": list(paths)}), "extractors": names, "options": options,
+            **{k: file_sha256(v) for k, v in weights.items() if v},
+            **({"clip_weights": file_sha256(clip_file), "clip_model": clip_arch if _arch is None else _arch}
+               if "clip" in names else {})}
+
+
+def _legacy_arch(data: DataConfig, model_config: ModelConfig) -> dict[str, Any] | None:
+    """What the CLIP stages were keyed on before they keyed on the CLIP's own fields: the whole ModelConfig (or the
+    retrieval file's architecture dict as given). Only to adopt caches built under those keys."""
+    return data.retrieval_clip_model if data.retrieval_clip_weights else model_config.to_dict()
+
+
 def _retrieval_stages(data: DataConfig, vocabulary: Sequence[str], clip_weights: str, model_config: ModelConfig,
                       cache_dir: Path, device: torch.device, is_main: bool, log: Callable[[str], None]) -> Path:
     """index -> retrieval, each cached by content key; returns the retrieval stage directory."""
     weights, arch = _retrieval_clip(data, clip_weights, model_config)
     mean, std = clip_normalisation(weights)
-    index_inputs = {"image_dirs": {d: folder_fingerprint(d) for d in data.index_dirs},
-                    "clip_weights": file_sha256(weights), "clip_model": arch}
-    if (mean, std) != (CLIP_MEAN, CLIP_STD):  # only then, so that existing index caches keep their keys
-        index_inputs["normalisation"] = {"mean": list(mean), "std": list(std)}
-    retrieval_inputs = {"index": stage_key(index_inputs), "concepts": list(vocabulary), "n": data.retrieval_n,
-                        "templates": data.retrieval_templates}
+    index_inputs = index_stage_inputs(data, clip_weights, model_config)
+    retrieval_inputs = retrieval_stage_inputs(data, vocabulary, index_inputs)
+    old_index = index_stage_inputs(data, clip_weights, model_config, _arch=_legacy_arch(data, model_config))
+    old_retrieval = retrieval_stage_inputs(data, vocabulary, old_index)
 
     def clip() -> Any:
         return _load_clip(weights, arch, device)
@@ -271,30 +313,30 @@ def _retrieval_stages(data: DataConfig, vocabulary: Sequence[str], clip_weights:
         result = retrieve(index_dir, list(vocabulary), clip(), n=data.retrieval_n, templates=templates)
         (out / "retrieval.json").write_text(json.dumps(result))
 
-    index_dir = run_or_wait_for_stage(cache_dir, "index", index_inputs, build_index_stage, is_main, log)
-    return run_or_wait_for_stage(cache_dir, "retrieval", retrieval_inputs, build_retrieval, is_main, log)
+    index_dir = run_or_wait_for_stage(cache_dir, "index", index_inputs, build_index_stage, is_main, log,
+                                      legacy=[old_index])
+    return run_or_wait_for_stage(cache_dir, "retrieval", retrieval_inputs, build_retrieval, is_main, log,
+                                 legacy=[old_retrieval])
 
 
 def _pseudo_mask_stage(data: DataConfig, retrieval: dict[str, list[str]], clip_weights: str,
                        model_config: ModelConfig, cache_dir: Path, device: torch.device, is_main: bool,
                        log: Callable[[str], None]) -> Path:
-    """The pseudo-mask stage over every retrieved image, keyed by the paths, extractors, options and weight files;
-    returns its directory."""
+    """The pseudo-mask stage over every retrieved image (``pseudo_mask_stage_inputs``); returns its directory."""
     paths = sorted({p for ps in retrieval.values() for p in ps})
     options = dict(data.pseudo_masks)
     names = list(options.pop("extractors", ["colour"]))
     weights = {k: options.pop(k, None) for k in ("dino_weights", "moco_weights")}
     clip_file, clip_arch = _retrieval_clip(data, clip_weights, model_config)
-    inputs = {"images": stage_key({"paths": paths}), "extractors": names, "options": options,
-              **{k: file_sha256(v) for k, v in weights.items() if v},
-              **({"clip_weights": file_sha256(clip_file), "clip_model": clip_arch} if "clip" in names else {})}
+    inputs = pseudo_mask_stage_inputs(data, paths, clip_weights, model_config)
+    old = pseudo_mask_stage_inputs(data, paths, clip_weights, model_config, _arch=_legacy_arch(data, model_config))
 
     def build(out: Path) -> None:
         visual = _load_clip(clip_file, clip_arch, device).visual if "clip" in names else None
         extractors = build_extractors(names, clip_visual=visual, device=device, **weights)
         generate_pseudo_masks(paths, extractors, out, **options)
 
-    return run_or_wait_for_stage(cache_dir, "pseudo_masks", inputs, build, is_main, log)
+    return run_or_wait_for_stage(cache_dir, "pseudo_masks", inputs, build, is_main, log, legacy=[old])
 
 
 def clip_normalisation(path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -311,10 +353,12 @@ def clip_normalisation(path: str | Path) -> tuple[tuple[float, ...], tuple[float
 
 
 def _retrieval_clip(data: DataConfig, clip_weights: str, model_config: ModelConfig) -> tuple[str, dict | None]:
-    """The CLIP file used for retrieval (and the clip pseudo-mask extractor) and its architecture dict."""
+    """The CLIP file used for retrieval (and the clip pseudo-mask extractor) and its architecture: the CLIP's own
+    fields (``ModelConfig.clip_architecture``), or None for a file that carries its own."""
     if data.retrieval_clip_weights:
-        return data.retrieval_clip_weights, data.retrieval_clip_model
-    return clip_weights, model_config.to_dict()
+        arch = data.retrieval_clip_model
+        return data.retrieval_clip_weights, ModelConfig.from_dict(arch).clip_architecture() if arch else None
+    return clip_weights, model_config.clip_architecture()
 
 
 def _load_clip(path: str, arch: dict[str, Any] | None, device: torch.device) -> Any:
@@ -325,4 +369,5 @@ def _load_clip(path: str, arch: dict[str, Any] | None, device: torch.device) -> 
 
 
 __all__ = ["DataConfig", "WorldConfig", "World", "prepare_world", "TrainingData", "prepare_training_data",
-           "validate_data_inputs", "clip_normalisation"]
+           "validate_data_inputs", "clip_normalisation", "index_stage_inputs", "retrieval_stage_inputs",
+           "pseudo_mask_stage_inputs"]

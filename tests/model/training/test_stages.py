@@ -110,3 +110,108 @@ def test_index_and_retrieval_stages_are_cached_and_keyed(tmp_path):
     logs.clear()
     prepare_training_data(DataConfig(**{**data.__dict__, "retrieval_n": 3}), *args, log=logs.append)
     assert any("index" in m and "cached" in m for m in logs) and any("retrieval" in m and "building" in m for m in logs)
+
+
+def _tiny_index(tmp_path: Path) -> tuple[Path, Path, object]:
+    """Five random images and a random tiny CLIP file; returns (image folder, CLIP file, its ModelConfig)."""
+    from model.backbone import build_text_tower, build_vision_tower
+    from model.clip_weights import ClipTowers, save_clip
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    cfg = tiny_test_config()
+    torch.manual_seed(0)
+    clip = tmp_path / "clip.safetensors"
+    save_clip(clip, ClipTowers(cfg, build_vision_tower(cfg), build_text_tower(cfg)))
+    return images, clip, cfg
+
+
+def _keys(data: DataConfig, clip: Path, cfg, paths=("a.png", "b.png")) -> tuple[str, str, str]:
+    from model.training.stage_cache import stage_key
+    from model.training.stages import index_stage_inputs, pseudo_mask_stage_inputs, retrieval_stage_inputs
+
+    index = index_stage_inputs(data, str(clip), cfg)
+    return (stage_key(index), stage_key(retrieval_stage_inputs(data, ["cat", "dog"], index)),
+            stage_key(pseudo_mask_stage_inputs(data, list(paths), str(clip), cfg)))
+
+
+def test_clip_stages_key_on_the_clips_own_fields_not_the_zutis_head(tmp_path):
+    images, clip, cfg = _tiny_index(tmp_path)
+    data = DataConfig(index_dirs=(str(images),), retrieval_n=2, pseudo_masks={"extractors": ["clip"]})
+    base = _keys(data, clip, cfg)
+    # decoder / head / input options of the ZUTIS model: none of the three CLIP stages reads them
+    for change in ({"num_queries": 5}, {"decoder_layers": 3, "decoder_heads": 4, "decoder_ffn_dim": 32},
+                   {"ffn_hidden_dim": 8}, {"mask_position": "sine"}, {"mask_stop_gradient": False},
+                   {"input_size": 128}, {"image_mean": (0.5, 0.5, 0.5), "image_std": (0.2, 0.2, 0.2)}):
+        assert _keys(data, clip, tiny_test_config(**change)) == base, change
+    # the CLIP's own fields: every stage that reads the CLIP follows them
+    wider = json.loads(json.dumps(cfg.clip_config))
+    wider["vision_cfg"]["width"] = 64
+    for change in ({"clip_config": wider}, {"conv_stem": (8, 16)}):
+        keys = _keys(data, clip, tiny_test_config(**change))
+        assert keys[0] != base[0] and keys[1] != base[1] and keys[2] != base[2], change
+    # each stage's own inputs
+    more = _keys(DataConfig(**{**data.__dict__, "retrieval_n": 3}), clip, cfg)
+    assert more[0] == base[0] and more[1] != base[1] and more[2] == base[2]
+    opts = _keys(DataConfig(**{**data.__dict__, "pseudo_masks": {"extractors": ["clip"], "n_init": 2}}), clip, cfg)
+    assert opts[:2] == base[:2] and opts[2] != base[2]
+    assert _keys(data, clip, cfg, paths=("a.png",))[2] != base[2]
+    # colour pseudo-masks never read the CLIP: their key ignores it entirely
+    colour = DataConfig(index_dirs=(str(images),), retrieval_n=2)
+    assert _keys(colour, clip, cfg)[2] == _keys(colour, clip, tiny_test_config(clip_config=wider))[2]
+
+
+def test_a_head_only_change_reuses_all_three_stages_and_old_keys_are_adopted(tmp_path):
+    from model.training.stages import index_stage_inputs, pseudo_mask_stage_inputs, retrieval_stage_inputs
+
+    images, clip, cfg = _tiny_index(tmp_path)
+    data = DataConfig(index_dirs=(str(images),), retrieval_n=2, retrieval_templates=False,
+                      pseudo_masks={"extractors": ["clip"], "n_init": 1})
+    cache = tmp_path / "cache"
+    logs: list[str] = []
+    first = prepare_training_data(data, ["cat", "dog"], str(clip), cfg, cache, torch.device("cpu"), log=logs.append)
+    assert sum("building" in m for m in logs) == 3
+    logs.clear()
+    head_only = tiny_test_config(num_queries=5, mask_stop_gradient=False, decoder_layers=1)
+    second = prepare_training_data(data, ["cat", "dog"], str(clip), head_only, cache, torch.device("cpu"),
+                                   log=logs.append)
+    assert sum("cached" in m for m in logs) == 3 and not any("building" in m for m in logs), logs
+    assert second.retrieval == first.retrieval and second.annotations.keys() == first.annotations.keys()
+
+    # A cache written under the old keys (the whole ModelConfig): rename each stage folder to its old name.
+    paths = sorted({p for ps in first.retrieval.values() for p in ps})
+    index, old_index = (index_stage_inputs(data, str(clip), head_only, **kw)
+                        for kw in ({}, {"_arch": head_only.to_dict()}))
+    pairs = [("index", index, old_index),
+             ("retrieval", retrieval_stage_inputs(data, ["cat", "dog"], index),
+              retrieval_stage_inputs(data, ["cat", "dog"], old_index)),
+             ("pseudo_masks", pseudo_mask_stage_inputs(data, paths, str(clip), head_only),
+              pseudo_mask_stage_inputs(data, paths, str(clip), head_only, _arch=head_only.to_dict()))]
+    for name, new, old in pairs:
+        assert stage_dir(cache, name, new) != stage_dir(cache, name, old)
+        stage_dir(cache, name, new).rename(stage_dir(cache, name, old))
+    logs.clear()
+    third = prepare_training_data(data, ["cat", "dog"], str(clip), head_only, cache, torch.device("cpu"),
+                                  log=logs.append)
+    assert sum("adopted" in m for m in logs) == 3 and not any("building" in m for m in logs), logs
+    assert third.retrieval == first.retrieval
+    for name, new, old in pairs:
+        folder = stage_dir(cache, name, new)
+        assert folder.is_dir() and not stage_dir(cache, name, old).exists()
+        assert json.loads((folder / "inputs.json").read_text()) == json.loads(json.dumps(new, default=str))
+        assert (folder / "adopted_from").read_text().strip() == stage_dir(cache, name, old).name
+
+
+def test_run_stage_adopts_only_a_finished_legacy_directory(tmp_path):
+    unfinished = stage_dir(tmp_path, "s", {"old": 1})
+    unfinished.mkdir(parents=True)  # no DONE marker: an interrupted build under the old key
+    built = run_stage(tmp_path, "s", {"new": 1}, lambda out: (out / "r").write_text("fresh"), log=lambda m: None,
+                      legacy=[{"old": 1}])
+    assert (built / "r").read_text() == "fresh" and not (built / "adopted_from").exists()
+    old = run_stage(tmp_path, "s", {"old": 2}, lambda out: (out / "r").write_text("old"), log=lambda m: None)
+    adopted = run_stage(tmp_path, "s", {"new": 2}, lambda out: pytest.fail("rebuilt"), log=lambda m: None,
+                        legacy=[{"old": 2}])
+    assert (adopted / "r").read_text() == "old" and not old.exists()
