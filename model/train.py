@@ -44,7 +44,7 @@ from model.training.copy_paste import CopyPasteDataset, StepBatchSampler, collat
 from model.training.criterion import compute_losses
 from model.training.export import export
 from model.training.optim import build_optimizer, set_lr, total_loss
-from model.training.runtime import Dist, git_commit, seed_everything, setup_distributed, tune_cpu_allocator
+from model.training.runtime import Dist, cpu_bf16, git_commit, seed_everything, setup_distributed, tune_cpu_allocator
 from model.training.stages import prepare_training_data, prepare_world
 from model.training.state import load_training_state, save_training_state
 
@@ -72,7 +72,7 @@ def encode_vocabulary(text_tower: torch.nn.Module, cfg: TrainConfig) -> torch.Te
 
 
 # Settings that may change between an interrupted run and its --resume without changing the result.
-_RESUME_MAY_CHANGE = ("out_dir", "cache_dir", "num_workers", "log_every", "checkpoint_every", "eval", "val",
+_RESUME_MAY_CHANGE = ("out_dir", "cache_dir", "num_workers", "log_every", "checkpoint_every", "cpu_amp", "eval", "val",
                       "description", "export_path", "export_dtype", "export_vocabulary", "inference")
 
 
@@ -213,7 +213,9 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Cop
         dataset, batch_sampler=StepBatchSampler(o.batch_size, o.steps, step, dist.rank, dist.world_size),
         collate_fn=collate_samples, num_workers=o.num_workers, pin_memory=device.type == "cuda",
         generator=torch.Generator())  # its own generator: the loader must not draw from the global RNG
-    amp = device.type == "cuda" and o.amp
+    amp = (device.type == "cuda" and o.amp) or (device.type == "cpu" and o.cpu_amp)
+    if device.type == "cpu" and o.cpu_amp and not cpu_bf16():
+        log("warning: optim.cpu_amp is set but this CPU has no native bf16 (AVX512-BF16 / AMX): autocast emulates it")
     bar = tqdm(total=stop, initial=step, disable=not (dist.main and sys.stderr.isatty()), unit="step")
     window = LossWindow(dist)
     batches = iter(loader)
@@ -222,16 +224,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Cop
         batch = next(batches).to(device)
         window.data_seconds += time.monotonic() - t0
         lrs = set_lr(optimizer, step, o)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = train_model(batch.images)
-        losses = compute_losses(out.all_layer_mask_probs(), out.semantic_features, text_embeddings, batch.semantic,
-                                batch.instance_masks, cfg.synthesis.ignore_index, o.ce_logit_scale)
-        loss = total_loss(losses, o.loss_weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if o.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        optimizer.step()
+        losses, loss = training_step(train_model, model, optimizer, batch, text_embeddings, cfg, device, amp)
         step += 1
         bar.update(1)
         window.add({**losses, "total": loss})
@@ -241,6 +234,26 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Cop
             save_training_state(state_path, model, optimizer, step, extra={"config": cfg.to_dict()})
     bar.close()
     return step
+
+
+def training_step(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  batch: Any, text_embeddings: torch.Tensor, cfg: TrainConfig, device: torch.device,
+                  amp: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimisation step on a ``TrainingBatch`` already on ``device``: the forward pass (under bf16 autocast
+    with ``amp``; the losses run in float32), the named losses and their weighted total, backward, gradient
+    clipping, AdamW. ``train_model`` is ``model`` or its DDP wrapper. Returns (named losses, total)."""
+    o = cfg.optim
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        out = train_model(batch.images)
+    losses = compute_losses(out.all_layer_mask_probs(), out.semantic_features, text_embeddings, batch.semantic,
+                            batch.instance_masks, cfg.synthesis.ignore_index, o.ce_logit_scale)
+    loss = total_loss(losses, o.loss_weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if o.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+    optimizer.step()
+    return losses, loss
 
 
 class LossWindow:

@@ -1,6 +1,7 @@
 """The training config: JSON -> frozen dataclasses, checked before any work.
 
 Unknown keys are errors (``model.config.reject_unknown_keys``), so a typo never silently falls back to a default.
+A file may extend another and state only its changes (``"extends"``: ``model.training.config_files``).
 A ``world`` section (the shapes world) fills in the paths its stages build (``with_world``, ``with_oracle_scenes``).
 """
 
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from model.config import InferenceParams, ModelConfig, reject_unknown_keys
+from model.training.config_files import read_config
 from model.training.copy_paste import SynthesisParams
 from model.training.shapes import oracle as scene_oracle
 from model.training.shapes.oracle import LABELLINGS, labelling_vocabulary
@@ -43,6 +45,7 @@ class OptimConfig:
     seed: int = 0
     num_workers: int = 8
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    cpu_amp: bool = False  # opt-in: bf16 autocast on CPU too (worth it only on CPUs with native bf16: runtime.cpu_bf16)
     log_every: int = 250
     checkpoint_every: int = 1000
 
@@ -72,7 +75,7 @@ class OracleScenesConfig:
     scenes (``seed``, which must differ from the world's validation and test seeds) with their true masks and
     labels under ``labels`` ("colour": the 8 colours as the concepts, or "concept": the 64 colour-shape concepts),
     in place of retrieval and pseudo-masks; the validation and test scenes are relabelled the same way
-    (``model.shapes.oracle``). The ladder's R0 / R2 rungs (docs/ladder-r0.md)."""
+    (``model.shapes.oracle``). The ladder's R0 / R2 rungs (experiments/shapes/ladder-r0.md)."""
 
     scenes: int = 2000
     seed: int = 3
@@ -218,13 +221,15 @@ def _section(cls: type, d: dict[str, Any], where: str) -> Any:
 
 
 def load_config(path: str | Path, steps: int | None = None) -> TrainConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    d = json.loads(path.read_text())
+    """The training config at ``path`` (``extends`` resolved: ``model.training.config_files``), checked; ``steps``
+    overrides ``optim.steps``. A ``ValueError`` names the file."""
+    d = read_config(path)
     if steps is not None:
         d.setdefault("optim", {})["steps"] = steps
-    return TrainConfig.from_dict(d)
+    try:
+        return TrainConfig.from_dict(d)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def validate_inputs(cfg: TrainConfig) -> None:

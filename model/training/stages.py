@@ -28,6 +28,7 @@ from model.checkpoint import file_sha256
 from model.clip_weights import load_clip
 from model.config import CLIP_MEAN, CLIP_STD, ModelConfig
 from model.training.annotations import annotations_from_coco, annotations_from_pseudo_masks
+from model.training.config_files import read_config
 from model.training.files import folder_fingerprint
 from model.training.index import build_index
 from model.training.prompts import PROMPT_TEMPLATES
@@ -139,7 +140,8 @@ class World:
 
 def prepare_world(world: WorldConfig, cache_dir: str | Path, log: Callable[[str], None] = print) -> World:
     """Run (or reuse) the world's four stages; each is keyed by its own parameters only (the renderer is code:
-    a change to it needs a new cache directory). The CLIP stage is keyed by the recipe file's content."""
+    a change to it needs a new cache directory). The CLIP stage is keyed by the recipe's content (with the recipes
+    it extends resolved) and the content of the CLIP file it starts from, if any."""
     cache_dir = Path(cache_dir)
     size = world.scene_size
     index = run_stage(cache_dir, "shapes_index", {"n": world.index_images, "seed": world.index_seed, "size": size},
@@ -151,8 +153,11 @@ def prepare_world(world: WorldConfig, cache_dir: str | Path, log: Callable[[str]
     if world.clip_weights is not None:
         return World(Path(world.clip_weights), index / "images", index / "truth" / "instances.json", scenes["val"],
                      scenes["test"])
-    clip_inputs = {"recipe": json.loads(Path(world.clip_recipe).read_text()), "minutes": world.clip_minutes,
-                   "steps": world.clip_steps, "seed": world.clip_seed}
+    recipe = read_config(world.clip_recipe)  # resolved: a change to the recipe it extends changes the key too
+    clip_inputs = {"recipe": recipe, "minutes": world.clip_minutes, "steps": world.clip_steps,
+                   "seed": world.clip_seed}
+    if recipe.get("init_clip"):
+        clip_inputs["init_clip_sha256"] = file_sha256(recipe["init_clip"])
 
     def build_clip(out: Path) -> None:
         pretrain_clip(world.clip_recipe, out / "clip.safetensors", minutes=world.clip_minutes,

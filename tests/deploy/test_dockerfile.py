@@ -131,7 +131,8 @@ def test_dockerignore_keeps_what_the_image_copies_and_drops_the_rest():
                 path = re.sub(r"\[(.)\]", r"\1", source).rstrip("/")  # weight[s], a pattern, names weights
                 assert not dockerignore_excludes(path), f"{source} is COPYed but .dockerignore excludes it"
     compiled = "service/__pycache__/app.cpython-311.pyc"
-    for path in (".venv", ".git", "tests", "runs", "data", "model/__pycache__", compiled):
+    for path in (".venv", ".git", "tests", "runs", "data", "model/__pycache__", compiled, "benchmarks",
+                 "experiments", "experiments/shapes/configs/r3_grad.json", "experiments/shapes/clip_probe.py"):
         assert dockerignore_excludes(path), f"{path} would be sent to the Docker daemon"
 
 

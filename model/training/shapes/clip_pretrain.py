@@ -52,10 +52,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from model.backbone import build_text_tower, build_vision_tower
-from model.clip_weights import ClipTowers, save_clip
+from model.backbone import build_text_tower, build_vision_tower, interpolate_pos_embed
+from model.clip_weights import ClipTowers, load_state_strict, read_state_dict, save_clip, split_clip_state_dict
+from model.checkpoint import file_sha256
 from model.config import ModelConfig
-from model.training.runtime import tune_cpu_allocator
+from model.training.runtime import cpu_bf16, tune_cpu_allocator
 from model.training.shapes.clip_data import CachedTokenizer, caption_batches
 from model.training.shapes.clip_losses import concept_targets, content_groups, contrastive_loss, dense_concept_loss
 from model.training.shapes.clip_recipe import ClipRecipe
@@ -106,20 +107,24 @@ def tune_cpu(threads: int) -> None:
 
 def train_step(towers: ClipTowers, logit_scale: nn.Parameter, optimizer: torch.optim.Optimizer,
                images: torch.Tensor, tokens: torch.Tensor, group_ids: torch.Tensor,
-               grad_clip: float | None = None, dense: "DenseTerm | None" = None) -> float:
+               grad_clip: float | None = None, dense: "DenseTerm | None" = None, bf16: bool = False) -> float:
     """One optimisation step on a batch: images (B, 3, S, S) normalised, tokens (B, context) int64, group ids
-    (B,). With ``dense`` the dense patch-to-concept term is added (``DenseTerm``). Logit scales are clamped to at
-    most 100 afterwards, as in CLIP. Returns the loss."""
-    if dense is None:
-        image_emb = F.normalize(towers.visual(images), dim=-1)
-    else:
-        pooled, patch = encode_image_and_tokens(towers.visual, images)
-        image_emb = F.normalize(pooled, dim=-1)
-    text_emb = F.normalize(towers.text(tokens), dim=-1)
+    (B,). With ``dense`` the dense patch-to-concept term is added (``DenseTerm``). ``bf16``: the towers run under
+    bfloat16 autocast on CPU, the losses in float32. Logit scales are clamped to at most 100 afterwards, as in
+    CLIP. Returns the loss."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        if dense is None:
+            pooled, patch = towers.visual(images), None
+        else:
+            pooled, patch = encode_image_and_tokens(towers.visual, images)
+        text = towers.text(tokens)
+        concepts = towers.text(dense.concept_tokens) if dense is not None else None
+    image_emb = F.normalize(pooled.float(), dim=-1)
+    text_emb = F.normalize(text.float(), dim=-1)
     loss = contrastive_loss(image_emb, text_emb, logit_scale, group_ids)
     if dense is not None:
-        concepts = F.normalize(towers.text(dense.concept_tokens), dim=-1)
-        loss = loss + dense.weight * dense_concept_loss(F.normalize(patch, dim=-1), concepts, dense.targets,
+        loss = loss + dense.weight * dense_concept_loss(F.normalize(patch.float(), dim=-1),
+                                                        F.normalize(concepts.float(), dim=-1), dense.targets,
                                                         dense.logit_scale, dense.tau)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -145,6 +150,24 @@ class DenseTerm:
     tau: float
 
 
+def load_initial_clip(towers: ClipTowers, path: str | Path) -> None:
+    """Load a saved CLIP file (``save_clip``'s format) into freshly built ``towers`` of the same architecture; the
+    vision tower's image size may differ: its positional embedding (1 + g*g, width) is then re-interpolated to the
+    towers' grid (``model.backbone.interpolate_pos_embed``, as ZUTIS does on every call). Anything else that does
+    not match raises ``ValueError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_clip: CLIP file not found: {path}")
+    visual_sd, text_sd = split_clip_state_dict(read_state_dict(path))
+    want = towers.visual.positional_embedding
+    have = visual_sd.get("positional_embedding")
+    if have is not None and have.shape != want.shape and have.shape[1:] == want.shape[1:]:
+        grid = int(round((want.shape[0] - 1) ** 0.5))
+        visual_sd["positional_embedding"] = interpolate_pos_embed(have.float(), grid, grid)
+    load_state_strict(towers.visual, visual_sd, f"init_clip {path} (vision tower)")
+    load_state_strict(towers.text, text_sd, f"init_clip {path} (text tower)")
+
+
 def build_optimizer(towers: ClipTowers, logit_scale: nn.Parameter, recipe: ClipRecipe,
                     extra_scales: Sequence[nn.Parameter] = ()) -> torch.optim.AdamW:
     """AdamW with weight decay on weight matrices only (not on embeddings, norms, biases or the logit scales)."""
@@ -167,6 +190,11 @@ def train_clip(recipe: ClipRecipe, log: Callable[[str], None] = print,
     world = ShapesWorld()
     config = recipe.model_config
     towers = build_clip(config, recipe.pos_init, recipe.seed)
+    if recipe.init_clip is not None:
+        load_initial_clip(towers, recipe.init_clip)
+        log(f"initialised from {recipe.init_clip}")
+    if recipe.cpu_amp and not cpu_bf16():
+        log("warning: cpu_amp is set but this CPU has no native bf16 (AVX512-BF16 / AMX): autocast emulates it")
     tokenizer = CachedTokenizer(config)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     dense_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -192,7 +220,7 @@ def train_clip(recipe: ClipRecipe, log: Callable[[str], None] = print,
         dense = DenseTerm(concept_tokens, concept_targets(contents, world.num_concepts), dense_scale,
                           recipe.dense_weight, recipe.dense_tau) if use_dense else None
         last_loss = train_step(towers, logit_scale, optimizer, images_to_tensor(images, config), tokenizer(captions),
-                               content_groups(contents), recipe.grad_clip, dense)
+                               content_groups(contents), recipe.grad_clip, dense, recipe.cpu_amp)
         done = step + 1
         if budget_s is not None and done % 25 == 0 and (not estimated or done < total / 2):
             # wall-clock budget: (re-)estimate the step count from the speed so far, only in the run's first half
@@ -241,13 +269,14 @@ def _final_evaluation(towers: ClipTowers, tokenizer: CachedTokenizer, recipe: Cl
 
 
 def pretrain_clip(recipe: ClipRecipe | str | Path, out: str | Path, *, minutes: float | None = None,
-                  steps: int | None = None, seed: int | None = None, log: Callable[[str], None] = print,
-                  progress: bool = True) -> Path:
+                  steps: int | None = None, seed: int | None = None, init_clip: str | None = None,
+                  log: Callable[[str], None] = print, progress: bool = True) -> Path:
     """Pre-train a tiny CLIP and write it to ``out`` (safetensors via ``save_clip``); returns ``out``.
 
-    ``recipe``: a ``ClipRecipe`` or the path of its JSON. ``minutes`` / ``steps`` / ``seed`` override the
-    recipe's (``steps`` wins over ``minutes``). The file's metadata holds ``model_config``, ``recipe`` (as run,
-    with the step count actually used) and ``metrics`` (JSON; see ``train_clip``).
+    ``recipe``: a ``ClipRecipe`` or the path of its JSON. ``minutes`` / ``steps`` / ``seed`` / ``init_clip``
+    override the recipe's (``steps`` wins over ``minutes``). The file's metadata holds ``model_config``, ``recipe``
+    (as run, with the step count actually used), ``metrics`` (JSON; see ``train_clip``) and, when it started from
+    one, ``init_clip_sha256``.
     """
     if not isinstance(recipe, ClipRecipe):
         recipe = ClipRecipe.load(recipe)
@@ -258,6 +287,8 @@ def pretrain_clip(recipe: ClipRecipe | str | Path, out: str | Path, *, minutes: 
         overrides.update(minutes=minutes, steps=None)
     if seed is not None:
         overrides["seed"] = seed
+    if init_clip is not None:
+        overrides["init_clip"] = init_clip
     recipe = dataclasses.replace(recipe, **overrides)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -265,6 +296,8 @@ def pretrain_clip(recipe: ClipRecipe | str | Path, out: str | Path, *, minutes: 
     ran = dataclasses.replace(recipe, steps=metrics["steps"], minutes=None)
     meta = {"recipe": json.dumps(ran.to_dict(), sort_keys=True), "metrics": json.dumps(metrics, sort_keys=True),
             "torch_version": torch.__version__, "producer": "model.shapes.clip_pretrain"}
+    if recipe.init_clip is not None:
+        meta["init_clip_sha256"] = file_sha256(recipe.init_clip)
     save_clip(out, towers, extra_metadata=meta)
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return out
@@ -319,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock training budget (overrides recipe)")
     parser.add_argument("--steps", type=int, default=None, help="exact step count (overrides --minutes)")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from this saved CLIP file (overrides the recipe's init_clip), e.g. a 128-px "
+                             "phase after a 64-px run")
     args = parser.parse_args(argv)
     if args.out.suffix != ".safetensors":
         parser.error(f"--out must end in .safetensors, got {args.out}")
@@ -326,4 +362,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     if missing:
         print("hint: set " + " ".join(f"{k}={_ENV_HINTS[k]}" for k in missing) + " before starting Python "
               "(see this module's docstring: CPU speed traps)", file=sys.stderr)
-    pretrain_clip(args.config, args.out, minutes=args.minutes, steps=args.steps, seed=args.seed)
+    pretrain_clip(args.config, args.out, minutes=args.minutes, steps=args.steps, seed=args.seed,
+                  init_clip=str(args.init) if args.init else None)

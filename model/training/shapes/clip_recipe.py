@@ -8,12 +8,12 @@ rejected. ``model.training.shapes.clip_pretrain`` runs it and stores it, as run,
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from model.config import ModelConfig, reject_unknown_keys
+from model.training.config_files import read_config
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,10 @@ class ClipRecipe:
     ``eval_every`` is in steps; evaluation uses ``eval_per_concept`` fresh single-object images per concept,
     the final one ``final_eval_per_concept``. ``dense_weight`` > 0 adds the dense patch-to-concept term
     (``dense_concept_loss``, soft maximum with temperature ``dense_tau``) with that weight; 0 is contrastive only.
+    ``cpu_amp`` (opt-in) runs the towers' forward passes under bfloat16 autocast on CPU (the losses stay float32).
+    ``init_clip`` (opt-in) starts from a saved CLIP file (this command's output) instead of random weights, e.g. a
+    short 128-px phase after a 64-px run: its architecture must match ``model_config`` except the vision
+    ``image_size``, whose positional embedding is re-interpolated to the new grid; the logit scales start afresh.
     """
 
     model_config: ModelConfig
@@ -47,6 +51,8 @@ class ClipRecipe:
     final_eval_per_concept: int = 16
     threads: int = 2
     seed: int = 0
+    cpu_amp: bool = False
+    init_clip: str | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -80,10 +86,13 @@ class ClipRecipe:
         return int(size if isinstance(size, int) else size[0])
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form (``from_dict`` reads it back)."""
+        """The JSON form (``from_dict`` reads it back); the opt-in fields are left out at their defaults."""
         d = dataclasses.asdict(self)
         d["model_config"] = self.model_config.to_dict()
         d["objects_p"] = list(self.objects_p)
+        for key, default in (("cpu_amp", False), ("init_clip", None)):
+            if d[key] == default:
+                del d[key]
         return d
 
     @classmethod
@@ -96,11 +105,15 @@ class ClipRecipe:
 
     @classmethod
     def load(cls, path: str | Path) -> "ClipRecipe":
-        """Read a recipe JSON file (e.g. ``model/configs/shapes_clip.json``)."""
+        """Read a recipe JSON file (e.g. ``model/configs/shapes_clip.json``; ``extends`` resolved:
+        ``model.training.config_files``). A ``ValueError`` names the file."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"CLIP recipe not found: {path}")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            return cls.from_dict(read_config(path))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
 
 
 __all__ = ["ClipRecipe"]

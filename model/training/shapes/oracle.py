@@ -56,7 +56,7 @@ def concept_to_label(labels: str) -> np.ndarray:
 
 def relabel_coco(coco: dict[str, Any], labels: str) -> dict[str, Any]:
     """A shapes-world COCO instances dict (categories = the 64 concepts) with its categories and annotations mapped
-    to ``labels``. Categories keep the ``colour`` / ``shape`` fields ``benchmarks/shapes_diagnostics.py`` reads
+    to ``labels``. Categories keep the ``colour`` / ``shape`` fields ``experiments/shapes/shapes_diagnostics.py`` reads
     (a colour category's shape is ``"any"``)."""
     lut = concept_to_label(labels)
     names = labelling_vocabulary(labels)

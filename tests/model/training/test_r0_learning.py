@@ -1,7 +1,7 @@
 """Ladder rung R0 in seconds: the head and the training loop, on true masks and labels, must learn.
 
 A tiny randomly initialised ZUTIS is trained for a few dozen steps on a handful of rendered shapes-world scenes with
-their true instance masks and colour labels (the R0 setting of docs/ladder-r0.md, shrunk), through the same losses,
+their true instance masks and colour labels (the R0 setting of experiments/shapes/ladder-r0.md, shrunk), through the same losses,
 optimiser groups and schedule as ``model.train``. The test asserts that the loss falls and that the mask proposals
 cover the true objects clearly better than the untrained model's do, so that a change that silently stops the mask
 branch from learning (a detached tensor too many, a matcher or loss that no longer reaches the proposals, a broken
@@ -47,7 +47,7 @@ def _scenes(n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list
 
 def _mean_best_iou(model: ZUTIS, images: torch.Tensor, masks: list[torch.Tensor]) -> float:
     """Mean over true objects of the best IoU of any last-layer proposal (probability > 0.5, resized bilinearly to
-    the image) with the object: the proposal recall of benchmarks/shapes_diagnostics.py, as a mean."""
+    the image) with the object: the proposal recall of experiments/shapes/shapes_diagnostics.py, as a mean."""
     model.eval()
     with torch.no_grad():
         probs = model(images).mask_probs  # (B, Q, h', w')

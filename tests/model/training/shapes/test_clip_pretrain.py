@@ -198,3 +198,64 @@ def test_cli_rejects_a_non_safetensors_output(tmp_path) -> None:
 def test_pretrain_clip_names_a_missing_recipe(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="missing.json"):
         pretrain_clip(tmp_path / "missing.json", tmp_path / "x.safetensors")
+
+
+def test_pretraining_can_start_from_a_saved_clip_even_at_another_image_size(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from model.backbone import interpolate_pos_embed
+
+    first = pretrain_clip(mini_recipe(), tmp_path / "first.safetensors", log=lambda s: None, progress=False)
+    saved = load_file(str(first))
+    # lr ~0: one step from the file leaves its weights (and only a run from the file does)
+    same, _ = train_clip(mini_recipe(init_clip=str(first), steps=1, lr=1e-12), log=lambda s: None, progress=False)
+    fresh, _ = train_clip(mini_recipe(steps=1, lr=1e-12), log=lambda s: None, progress=False)
+    for k, v in same.visual.state_dict().items():
+        torch.testing.assert_close(v, saved[f"visual.{k}"], rtol=0, atol=1e-6)
+    assert not torch.allclose(fresh.visual.conv1.layers[0].weight, saved["visual.conv1.layers.0.weight"])
+    # a 128-px phase: the 8x8 grid's positions re-interpolated to 16x16, every other weight carried over
+    config = tiny_test_config(conv_stem=(8, 16))
+    big = json.loads(json.dumps(config.clip_config))
+    big["vision_cfg"]["image_size"] = 128
+    recipe_128 = mini_recipe(model_config=tiny_test_config(conv_stem=(8, 16), clip_config=big), init_clip=str(first),
+                             steps=1, lr=1e-12)
+    towers, metrics = train_clip(recipe_128, log=lambda s: None, progress=False)
+    pos = towers.visual.positional_embedding
+    assert pos.shape == (1 + 16 * 16, saved["visual.positional_embedding"].shape[1])
+    torch.testing.assert_close(pos, interpolate_pos_embed(saved["visual.positional_embedding"].float(), 16, 16),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(towers.text.token_embedding.weight, saved["text.token_embedding.weight"],
+                               rtol=0, atol=1e-6)
+    # the CLI and the file's metadata name it; another architecture is refused with the file's name
+    out = tmp_path / "second.safetensors"
+    pretrain_clip(mini_recipe(steps=1), out, init_clip=str(first), log=lambda s: None, progress=False)
+    from safetensors import safe_open
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["recipe"])["init_clip"] == str(first) and len(meta["init_clip_sha256"]) == 64
+    wider = json.loads(json.dumps(config.clip_config))
+    wider["vision_cfg"]["width"] = 64
+    with pytest.raises(ValueError, match="init_clip"):
+        train_clip(mini_recipe(model_config=tiny_test_config(conv_stem=(8, 16), clip_config=wider),
+                               init_clip=str(first)), log=lambda s: None, progress=False)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        train_clip(mini_recipe(init_clip=str(tmp_path / "nope.safetensors")), log=lambda s: None, progress=False)
+
+
+def test_bf16_autocast_step_matches_float32_closely() -> None:
+    from model.training.shapes.clip_pretrain import DenseTerm, build_optimizer, train_step
+
+    recipe = mini_recipe(dense_weight=1.0)
+    losses = []
+    for bf16 in (False, True):
+        towers = build_clip(recipe.model_config, seed=0)
+        scale, dense_scale = (torch.nn.Parameter(torch.tensor(math.log(1 / 0.07))) for _ in range(2))
+        optimizer = build_optimizer(towers, scale, recipe, [dense_scale])
+        torch.manual_seed(1)
+        images, tokens = torch.randn(6, 3, 64, 64), torch.randint(1, 49000, (6, 16))
+        groups = torch.arange(6)
+        targets = concept_targets([(i,) for i in range(6)], WORLD.num_concepts)
+        dense = DenseTerm(torch.randint(1, 49000, (64, 16)), targets, dense_scale, 1.0, 10.0)
+        losses.append(train_step(towers, scale, optimizer, images, tokens, groups, dense=dense, bf16=bf16))
+    assert math.isfinite(losses[1]) and losses[0] != losses[1]  # bf16 really ran, and rounds differently
+    assert abs(losses[1] - losses[0]) < 0.02 * abs(losses[0]), losses

@@ -13,7 +13,7 @@ from model.training.shapes.oracle import (labelling_vocabulary, relabel_coco, re
                                  write_training_scenes)
 from model.training.shapes.world import COLOURS, ShapesWorld
 
-LADDER = Path(__file__).resolve().parents[4] / "model" / "configs" / "ladder"
+LADDER = Path(__file__).resolve().parents[4] / "experiments" / "shapes" / "configs"
 
 
 def test_colour_labelling_maps_every_concept_to_its_colour():
@@ -53,7 +53,9 @@ def test_training_scenes_are_relabelled_consistently_and_listed_per_colour(tmp_p
 def test_oracle_scenes_may_not_use_the_evaluation_seeds():
     from model.training.config import TrainConfig
 
-    base = json.loads((LADDER / "r0_base.json").read_text())
+    from model.training.config_files import read_config
+
+    base = read_config(LADDER / "r0_base.json")
     base["oracle_scenes"] = {**base["oracle_scenes"], "seed": base["world"]["test_seed"]}
     with pytest.raises(ValueError, match="seed"):
         TrainConfig.from_dict(base)

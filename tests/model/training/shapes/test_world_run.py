@@ -17,10 +17,12 @@ from model.training.shapes.world import ShapesWorld
 from model.training.stages import WorldConfig, prepare_world
 from model.train import main
 from model.training.config import TrainConfig, with_world
+from model.training.config_files import read_config
 
 WORLD = ShapesWorld()
 MODEL = tiny_test_config(conv_stem=(8, 16))
 SHIPPED = Path(__file__).resolve().parents[4] / "model" / "configs"
+EXPERIMENTS = Path(__file__).resolve().parents[4] / "experiments" / "shapes" / "configs"
 
 
 @pytest.fixture(autouse=True)
@@ -150,20 +152,20 @@ def test_shipped_shapes_configs_parse_and_differ_only_where_named():
     # the ladder's rungs and the shipped recipe's ablations each differ from it only where named
     for name, changed in (("r2_oracle.json", {"world"}), ("r3_no_copy_paste.json", {"synthesis"}),
                           ("r3_seed1.json", {"optim"}), ("r3_grad.json", {"model"})):
-        variant = json.loads((SHIPPED / "ladder" / name).read_text())
+        variant = read_config(EXPERIMENTS / name)
         assert _differing_sections(main_cfg, variant) == changed, name
         TrainConfig.from_dict(variant)
-    grad = json.loads((SHIPPED / "ladder" / "r3_grad.json").read_text())["model"]
+    grad = read_config(EXPERIMENTS / "r3_grad.json")["model"]
     assert {k for k in set(grad) | set(main_cfg["model"]) if grad.get(k) != main_cfg["model"].get(k)} == \
         {"mask_stop_gradient"}
     # the R1 lever study: the shipped CLIP recipe at 64 and 128 px on an equal wall-clock budget
     for size in (64, 128):
-        lever = json.loads((SHIPPED / "ladder" / f"r1_{size}px_20min.json").read_text())
+        lever = read_config(EXPERIMENTS / f"r1_{size}px_20min.json")
         resized = {"model_config"} if size != clip["model_config"]["clip_config"]["vision_cfg"]["image_size"] else set()
         assert _differing_sections(clip, lever) == {"steps", "minutes", "threads"} | resized, size
         assert lever["model_config"]["clip_config"]["vision_cfg"]["image_size"] == size and lever["minutes"] == 20
         ClipRecipe.from_dict(lever)
-    oracle = TrainConfig.from_dict(json.loads((SHIPPED / "ladder" / "r2_oracle.json").read_text()))
+    oracle = TrainConfig.from_dict(read_config(EXPERIMENTS / "r2_oracle.json"))
     assert oracle.world == dataclasses.replace(cfg.world, masks="truth")
 
 

@@ -4,7 +4,7 @@ Each row is one scene: the image, its true objects (drawn exactly as the service
 the checkpoint's answer with the full vocabulary of its metadata (all 64 concepts for the shipped checkpoint), at
 the checkpoint's default thresholds. Scenes are taken in file order (no picking).
 
-    .venv/bin/python benchmarks/shapes_grid.py --checkpoint weights/zutis-shapes.safetensors \\
+    .venv/bin/python experiments/shapes/shapes_grid.py --checkpoint weights/zutis-shapes.safetensors \\
         --scenes runs/shapes/cache/shapes_test-*/ --rows 6 --out docs/shapes-grid.png
 
 A script, not a test.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

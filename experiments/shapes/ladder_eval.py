@@ -2,9 +2,9 @@
 
 One prediction pass (``model.training.evaluation.runner.evaluate_checkpoint`` with the release's 0.001 score
 floor, so the exported service threshold does not cut the ranking), scored category-aware (AP, AP50, AP75, mIoU)
-and class-agnostic (the same predictions, every category mapped to one). For the ladder's rows (docs/ladder-r0.md).
+and class-agnostic (the same predictions, every category mapped to one). For the ladder's rows (experiments/shapes/ladder-r0.md).
 
-    MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python benchmarks/ladder_eval.py \\
+    MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python experiments/shapes/ladder_eval.py \\
         --checkpoint runs/ladder/r0_grad/model.safetensors --scenes runs/ladder/cache/shapes_test_colour-*/
 
 A script, not a test. Prints one JSON object; ``--out`` writes it too.
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

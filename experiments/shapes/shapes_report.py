@@ -10,7 +10,7 @@ provenance (test scenes, retrieval and pseudo-mask stages, index truth) and meas
   the IoU of its pseudo-mask with the generator's truth (the union of the image's true objects; and, for
   single-object images, that object), from the hidden sidecar the method itself never reads.
 
-    MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python benchmarks/shapes_report.py \\
+    MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python experiments/shapes/shapes_report.py \\
         --checkpoint weights/zutis-shapes.safetensors --taus 0.1 0.5 1 5 10 --out runs/shapes/report-main.json
 
 A script, not a test. Prints the tables as Markdown; ``--out`` writes everything as JSON.
@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

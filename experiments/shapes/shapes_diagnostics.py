@@ -13,7 +13,7 @@
   half of the scenes and scored on the second half (chance: 1/8), for the checkpoint's encoder and, with
   ``--clip``, for a CLIP vision tower (the world's CLIP before ZUTIS training).
 
-    MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python benchmarks/shapes_diagnostics.py \\
+    MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python experiments/shapes/shapes_diagnostics.py \\
         --checkpoint weights/zutis-shapes.safetensors --max-images 200
 
 A script, not a test. Prints a Markdown table; ``--out`` writes the JSON.
@@ -29,11 +29,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.clip_probe import fit_linear_probe  # noqa: E402 (importable once the line above ran)
+from experiments.shapes.clip_probe import fit_linear_probe  # noqa: E402 (importable once the line above ran)
 from benchmarks.reports import write_json_report  # noqa: E402
 
 SMALL_AREA_PX = 400  # about the median object area of the 128-px test scenes

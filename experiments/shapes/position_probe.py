@@ -7,7 +7,7 @@ pixel is. This script measures that: ridge regressions of a cell's normalised ro
 ``mask_position`` option applied), fitted on the cells of the first half of the scenes and scored (R^2, and the mean
 absolute error in cells) on the second half. R^2 1 means position is linearly decodable; 0, not at all.
 
-    MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python benchmarks/position_probe.py \\
+    MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python experiments/shapes/position_probe.py \\
         --checkpoint weights/zutis-shapes.safetensors --scenes runs/ladder/cache/shapes_test-*/ --max-images 100
 
 A script, not a test. Prints one JSON object.
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

@@ -10,7 +10,7 @@
 - **text separation** (CLIP files only): the highest cosine between the text embeddings of two different bare
   concept names ("red circle", how ZUTIS embeds categories).
 
-    MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python benchmarks/clip_probe.py \\
+    MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python experiments/shapes/clip_probe.py \\
         --clip weights/zutis-shapes-clip.safetensors --scenes runs/shapes/cache/shapes_val-*/ --max-images 300
 
 Use the validation scenes to compare recipes (test scenes are for the final report only). ``--checkpoint`` probes a
@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

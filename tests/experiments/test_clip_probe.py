@@ -1,8 +1,8 @@
-"""The pure parts of benchmarks/clip_probe.py: which object owns each token, per-object features, the probe."""
+"""The pure parts of experiments/shapes/clip_probe.py: which object owns each token, per-object features, the probe."""
 
 import numpy as np
 
-from benchmarks.clip_probe import fit_linear_probe, object_features, token_centre_owner
+from experiments.shapes.clip_probe import fit_linear_probe, object_features, token_centre_owner
 
 
 def test_token_centre_owner_reads_the_object_under_each_token_centre():

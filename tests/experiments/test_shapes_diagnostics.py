@@ -1,6 +1,6 @@
 import numpy as np
 
-from benchmarks.shapes_diagnostics import best_proposal_ious, recall_row
+from experiments.shapes.shapes_diagnostics import best_proposal_ious, recall_row
 
 
 def test_best_proposal_iou_is_the_best_over_proposals_of_each_object():
