@@ -26,49 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.reports import write_json_report  # noqa: E402 (importable once the line above ran)
-
-# (H, W) of COCO images, most common first (val2017: 640x480 and 480x640 are about half of all images).
-COCO_SIZES = [(480, 640), (427, 640), (640, 480), (480, 640), (640, 427), (424, 640), (375, 500), (360, 640),
-              (612, 612), (512, 640), (480, 640), (500, 375), (426, 640), (640, 428), (333, 500), (480, 640)]
-
-
-def make_checkpoint(path: Path, arch: str, input_size: int) -> None:
-    import torch
-
-    from model.checkpoint import CheckpointMetadata, save_checkpoint
-    from model.config import ModelConfig
-    from model.network import ZUTIS
-    from model.text import TextEncoder
-
-    torch.manual_seed(0)
-    config = ModelConfig(clip_model=arch, input_size=input_size)
-    model, text = ZUTIS(config), TextEncoder(config)
-    metadata = CheckpointMetadata(model_id=f"random-{arch.lower()}", model_config=config,
-                                  vocabulary=["background", "cat", "dog"],
-                                  provenance={"made_by": "benchmarks/geometry_bench.py", "weights": "random"})
-    save_checkpoint(path, model, text.tower, metadata)
-
-
-def coco_like_jpegs(count: int) -> list[bytes]:
-    """JPEGs of smooth random blobs at COCO's common sizes (they compress and decode like photos)."""
-    from PIL import Image
-
-    images = []
-    for i in range(count):
-        h, w = COCO_SIZES[i % len(COCO_SIZES)]
-        rng = np.random.default_rng(i)
-        small = rng.integers(0, 256, size=(h // 32 + 1, w // 32 + 1, 3), dtype=np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=90)
-        images.append(buffer.getvalue())
-    return images
-
+from benchmarks.fixtures import coco_like_jpegs, random_checkpoint, vit_b16_config  # noqa: E402 (importable once the line above ran)
+from benchmarks.reports import write_json_report  # noqa: E402
 
 def run_geometry(predictor, jpegs: list[bytes], batches: list[list[int]], concepts: list[str]) -> dict:
     """Decode, prepare, forward and post-process every batch; images/s and the batches' padded fraction."""
@@ -136,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)
     path = args.checkpoint or REPO_ROOT / f"runs/bench/{args.arch.lower()}-{args.input_size}-random.safetensors"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        make_checkpoint(path, args.arch, args.input_size)
+        random_checkpoint(path, vit_b16_config(args.input_size, args.arch), model_id=f"random-{args.arch.lower()}",
+                          made_by="benchmarks/geometry_bench.py")
     jpegs = coco_like_jpegs(args.images)
     concepts = ["person", "car", "chair", "dog", "cup"]
     results: dict = {"arch": args.arch, "input_size": args.input_size, "images": args.images,

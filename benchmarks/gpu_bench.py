@@ -42,8 +42,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.geometry_bench import coco_like_jpegs  # noqa: E402
-from benchmarks.live import stop, wait_ready  # noqa: E402
+from benchmarks.fixtures import (coco_like_jpegs, random_checkpoint, start_service, stop, vit_b16_config,  # noqa: E402
+                                 wait_ready)
 from benchmarks.load_bench import drive  # noqa: E402
 
 CONCEPTS = ["person", "car", "chair", "dog", "cup"]
@@ -53,29 +53,6 @@ def percentiles(values: list[float]) -> dict[str, float]:
     """p50 and p99 (milliseconds) of latencies in seconds."""
     arr = np.asarray(values, dtype=np.float64) * 1000.0
     return {"p50_ms": round(float(np.percentile(arr, 50)), 3), "p99_ms": round(float(np.percentile(arr, 99)), 3)}
-
-
-def make_checkpoint(path: Path, input_size: int, tiny: bool) -> Path:
-    """A random ViT-B-16 ZUTIS checkpoint (or the tiny test model) with ``input_size``, written if absent."""
-    if path.is_file():
-        return path
-    import torch
-
-    from model.checkpoint import CheckpointMetadata, save_checkpoint
-    from model.config import ModelConfig, tiny_test_config
-    from model.network import ZUTIS
-    from model.text import TextEncoder
-
-    torch.manual_seed(0)
-    config = tiny_test_config(input_size=input_size) if tiny else ModelConfig(clip_model="ViT-B-16-quickgelu",
-                                                                              input_size=input_size)
-    model, text = ZUTIS(config), TextEncoder(config)
-    metadata = CheckpointMetadata(model_id="random-tiny" if tiny else "random-vit-b16", model_config=config,
-                                  vocabulary=["background", "cat", "dog"],
-                                  provenance={"made_by": "benchmarks/gpu_bench.py", "weights": "random"})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, model, text.tower, metadata)
-    return path
 
 
 def synchronize(device: str) -> None:
@@ -132,26 +109,19 @@ def bench_service(checkpoint: Path, device: str, dtype: str, geometry: str, inpu
     """The HTTP service with ``ZUTIS_MAX_BATCH_SIZE=batch_size`` under ``2 x batch_size`` closed-loop clients."""
     from benchmarks.load_bench import batch_stats
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZUTIS_")}
-    env.update(ZUTIS_CHECKPOINT=str(checkpoint), ZUTIS_DEVICE=device, ZUTIS_DTYPE=dtype, ZUTIS_GEOMETRY=geometry,
-               ZUTIS_INPUT_SIZE=str(input_size), ZUTIS_HOST="127.0.0.1", ZUTIS_PORT=str(port),
-               ZUTIS_MAX_BATCH_SIZE=str(batch_size), ZUTIS_MAX_BATCH_DELAY_MS="5",
-               ZUTIS_QUEUE_SIZE=str(max(64, 4 * batch_size)), ZUTIS_REQUEST_TIMEOUT_S="600",
-               ZUTIS_LOG_LEVEL="warning")
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")
     url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "service"], stdout=log, stderr=subprocess.STDOUT,
-                                   env=env, cwd=REPO_ROOT)
-        try:
-            wait_ready(url, process, 600, log_path)
-            clients = max(2, 2 * batch_size)
-            drive(url, jpegs, clients, clients)  # warm-up round, not counted
-            before = batch_stats(url)
-            latencies, wall = drive(url, jpegs, clients, requests)
-            after = batch_stats(url)
-        finally:
-            stop(process, 60)
+    process = start_service(checkpoint, port, log_path, device=device, dtype=dtype, geometry=geometry,
+                            input_size=input_size, max_batch_size=batch_size, max_batch_delay_ms=5,
+                            queue_size=max(64, 4 * batch_size), request_timeout_s=600, log_level="warning")
+    try:
+        wait_ready(url, process, 600, log_path)
+        clients = max(2, 2 * batch_size)
+        drive(url, jpegs, clients, clients)  # warm-up round, not counted
+        before = batch_stats(url)
+        latencies, wall = drive(url, jpegs, clients, requests)
+        after = batch_stats(url)
+    finally:
+        stop(process, 60)
     batches = after[1] - before[1]
     return {"batch_size": batch_size, "clients": clients, "requests": requests,
             "images_per_s": round(requests / wall, 3), **percentiles(latencies),
@@ -207,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from model.checkpoint import load_checkpoint
+    from model.config import tiny_test_config
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available (use --dry-run --device cpu to check the script)")
@@ -224,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
                                "environment": environment(args.device), "in_process": [], "service": []}
     for size in args.sizes:
         name = f"{'tiny' if args.dry_run else 'vit-b16'}-{size}-random.safetensors"
-        checkpoint = make_checkpoint(runs / name, size, args.dry_run)
+        checkpoint = runs / name  # written once, reused by later runs
+        if not checkpoint.is_file():
+            config = tiny_test_config(input_size=size) if args.dry_run else vit_b16_config(size)
+            random_checkpoint(checkpoint, config, model_id="random-tiny" if args.dry_run else "random-vit-b16",
+                              made_by="benchmarks/gpu_bench.py")
         loaded = load_checkpoint(checkpoint, "cpu")
         for dtype in args.dtypes:
             for geometry in args.geometries:

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.live import free_port, rss_mb, stop, wait_ready  # noqa: E402 (importable once the line above ran)
+from benchmarks.fixtures import free_port, rss_mb, service_env, stop, wait_ready  # noqa: E402 (importable once the line above ran)
 from benchmarks.reports import write_json_report  # noqa: E402
 
 PROTOCOLS = ("bounded", "httptools", "h11", "h11-64k")
@@ -131,8 +131,7 @@ def probe(base: str, stop: threading.Event, seconds: float, out: list[float]) ->
 
 def run(protocol: str, checkpoint: str, attackers: int, seconds: float, size: int, interval: float) -> dict:
     port = free_port()
-    env = {**os.environ, "ZUTIS_CHECKPOINT": checkpoint, "ZUTIS_DEVICE": "cpu", "ZUTIS_MAX_BATCH_SIZE": "1",
-           "ZUTIS_TORCH_THREADS": "1"}
+    env = service_env(checkpoint, port, device="cpu", max_batch_size=1, torch_threads=1)
     lag_file = Path(f"/tmp/header_bench_lag_{os.getpid()}_{protocol}.txt")
     lag_file.unlink(missing_ok=True)
     process = subprocess.Popen([sys.executable, __file__, "--serve", protocol, "--port", str(port), "--out",

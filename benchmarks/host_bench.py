@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import statistics
 import sys
@@ -41,44 +40,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.reports import write_json_report  # noqa: E402 (importable once the line above ran)
+from benchmarks.fixtures import blob_jpeg, blob_masks  # noqa: E402 (importable once the line above ran)
+from benchmarks.reports import write_json_report  # noqa: E402
 
 IMAGE_HW = (480, 640)
 INSTANCES = 10
 CLASSES = 6
-
-
-def photo_like_jpeg(hw: tuple[int, int], seed: int = 0) -> bytes:
-    """A JPEG (quality 90) of smooth random colour blobs with mild noise: compresses and decodes like a photo."""
-    from PIL import Image
-
-    h, w = hw
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, size=(h // 32 + 1, w // 32 + 1, 3), dtype=np.uint8)
-    big = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC), dtype=np.int16)
-    noisy = np.clip(big + rng.normal(0, 6, big.shape), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(noisy).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def blob_masks(hw: tuple[int, int], count: int, seed: int = 0) -> np.ndarray:
-    """``(count, H, W)`` bool masks of irregular blobs (smooth noise thresholded inside ellipses)."""
-    import torch
-    import torch.nn.functional as F
-
-    h, w = hw
-    gen = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
-    noise = F.interpolate(torch.randn(count, 1, 12, 16, generator=gen), size=hw, mode="bilinear",
-                          align_corners=False)[:, 0]
-    masks = []
-    for k in range(count):
-        cy, cx = float(torch.rand(1, generator=gen)) * h, float(torch.rand(1, generator=gen)) * w
-        ry, rx = 20 + 100 * float(torch.rand(1, generator=gen)), 20 + 140 * float(torch.rand(1, generator=gen))
-        dist = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
-        masks.append((dist + 0.3 * noise[k] < 1.0).numpy())
-    return np.stack(masks)
 
 
 def multipart_body(image: bytes, concepts: str) -> tuple[bytes, str]:
@@ -141,7 +108,7 @@ def measure(repeats: int) -> dict[str, Any]:
     from service.upload import decode_image
 
     torch.set_num_threads(1)
-    jpeg = photo_like_jpeg(IMAGE_HW)
+    jpeg = blob_jpeg(*IMAGE_HW, noise=6.0)
     body, content_type = multipart_body(jpeg, "person, car, dog, chair, cup")
     masks = torch.from_numpy(blob_masks(IMAGE_HW, INSTANCES))
     label_map = np.zeros(IMAGE_HW, dtype=np.uint16)

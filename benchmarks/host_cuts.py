@@ -21,7 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.host_bench import IMAGE_HW, blob_masks, cpu_ms, photo_like_jpeg  # noqa: E402
+from benchmarks.fixtures import blob_jpeg, blob_masks  # noqa: E402
+from benchmarks.host_bench import IMAGE_HW, cpu_ms  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.rle import encode_column_major, encode_semantic_png
 
     torch.set_num_threads(1)
-    image = Image.open(io.BytesIO(photo_like_jpeg(IMAGE_HW))).convert("RGB")
+    image = Image.open(io.BytesIO(blob_jpeg(*IMAGE_HW, noise=6.0))).convert("RGB")
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 

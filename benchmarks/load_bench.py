@@ -26,7 +26,6 @@ import io
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -38,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.live import stop, wait_ready  # noqa: E402 (importable once the line above ran)
+from benchmarks.fixtures import blob_jpeg, random_checkpoint, start_service, stop, vit_b16_config, wait_ready  # noqa: E402,E501
 
 VOCABULARIES = [
     ["cat", "dog"],
@@ -46,38 +45,6 @@ VOCABULARIES = [
     ["red circle", "blue star", "green square"],
     ["cup", "bottle", "chair", "table", "laptop", "book"],
 ]
-
-
-def make_checkpoint(path: Path) -> None:
-    import torch
-
-    from model.checkpoint import CheckpointMetadata, save_checkpoint
-    from model.config import ModelConfig
-    from model.network import ZUTIS
-    from model.text import TextEncoder
-
-    torch.manual_seed(0)
-    config = ModelConfig(clip_model="ViT-B-16-quickgelu", input_size=384)
-    model, text = ZUTIS(config), TextEncoder(config)
-    metadata = CheckpointMetadata(model_id="random-vit-b16", model_config=config,
-                                  vocabulary=["background", "cat", "dog"],
-                                  provenance={"made_by": "benchmarks/load_bench.py", "weights": "random"})
-    save_checkpoint(path, model, text.tower, metadata)
-
-
-def make_images(count: int, height: int, width: int) -> list[bytes]:
-    """JPEGs of smooth random blobs (compress and decode like photos, unlike white noise)."""
-    from PIL import Image
-
-    images = []
-    for seed in range(count):
-        rng = np.random.default_rng(seed)
-        small = rng.integers(0, 256, size=(height // 32 + 1, width // 32 + 1, 3), dtype=np.uint8)
-        big = Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
-        buffer = io.BytesIO()
-        big.save(buffer, format="JPEG", quality=90)
-        images.append(buffer.getvalue())
-    return images
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -95,20 +62,6 @@ def batch_stats(url: str) -> tuple[float, float]:
             values = {s.name: s.value for s in family.samples}
             return values["zutis_batch_size_sum"], values["zutis_batch_size_count"]
     raise RuntimeError("zutis_batch_size not found in /metrics")
-
-
-def start_service(args: argparse.Namespace, log_path: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZUTIS_")}
-    env.update(ZUTIS_CHECKPOINT=str(args.checkpoint), ZUTIS_DEVICE=args.device, ZUTIS_HOST="127.0.0.1",
-               ZUTIS_PORT=str(args.port), ZUTIS_MAX_BATCH_SIZE=str(args.max_batch_size),
-               ZUTIS_MAX_BATCH_DELAY_MS=str(args.max_batch_delay_ms), ZUTIS_REQUEST_TIMEOUT_S="3600",
-               ZUTIS_LOG_LEVEL="warning")
-    if args.torch_threads:
-        env["ZUTIS_TORCH_THREADS"] = str(args.torch_threads)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")
-    log = open(log_path, "wb")
-    return subprocess.Popen([sys.executable, "-m", "service"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            cwd=REPO_ROOT)
 
 
 def drive(url: str, images: list[bytes], clients: int, total: int) -> tuple[list[float], float]:
@@ -223,15 +176,19 @@ def main(argv: list[str] | None = None) -> int:
         if not args.make_checkpoint:
             parser.error(f"checkpoint file not found: {args.checkpoint} (add --make-checkpoint to create one)")
         print(f"writing a random ViT-B-16 checkpoint to {args.checkpoint} ...", flush=True)
-        make_checkpoint(args.checkpoint)
+        random_checkpoint(args.checkpoint, vit_b16_config(384), model_id="random-vit-b16",
+                          made_by="benchmarks/load_bench.py")
     height, width = (int(v) for v in args.image_size.lower().split("x"))
-    images = make_images(8, height, width)
+    images = [blob_jpeg(height, width, seed) for seed in range(8)]
     load_before = os.getloadavg()
 
     url = args.url or f"http://127.0.0.1:{args.port}"
     log_path = REPO_ROOT / "runs" / "bench" / "service.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    process = None if args.url else start_service(args, log_path)
+    process = None if args.url else start_service(
+        args.checkpoint, args.port, log_path, device=args.device, max_batch_size=args.max_batch_size,
+        max_batch_delay_ms=args.max_batch_delay_ms, request_timeout_s=3600, log_level="warning",
+        torch_threads=args.torch_threads or None)
     # The two sides alternate (service phase, then in-process phase, per round; single requests in pairs), so
     # that load from other processes on a shared machine falls on both alike.
     service_images = service_seconds = local_images = local_seconds = 0.0

@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import random
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -40,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.live import free_port, rss_mb, wait_ready  # noqa: E402 (importable once the line above ran)
+from benchmarks.fixtures import free_port, rss_mb, start_service, wait_ready  # noqa: E402 (importable once the line above ran)
 from benchmarks.reports import write_json_report  # noqa: E402
 
 CONCEPTS = ["red circle", "blue star", "green heart", "yellow square", "purple triangle", "cat", "orange ring"]
@@ -184,12 +182,9 @@ def main() -> int:
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZUTIS_")}
-    env.update(ZUTIS_CHECKPOINT=args.checkpoint, ZUTIS_PORT=str(port), ZUTIS_MAX_BATCH_SIZE=str(args.max_batch_size),
-               ZUTIS_LOG_LEVEL="warning", MALLOC_MMAP_THRESHOLD_="33554432", MALLOC_TRIM_THRESHOLD_="1073741824",
-               OMP_WAIT_POLICY="PASSIVE")
-    with open(args.service_log, "wb") as log:
-        service = subprocess.Popen([sys.executable, "-m", "service"], env=env, cwd=ROOT, stdout=log, stderr=log)
+    service = start_service(args.checkpoint, port, args.service_log, max_batch_size=args.max_batch_size,
+                            log_level="warning", extra_env={"MALLOC_TRIM_THRESHOLD_": "1073741824",
+                                                            "OMP_WAIT_POLICY": "PASSIVE"})
     try:
         wait_ready(base, service, 180, args.service_log)
         print(f"ready; RSS {rss_mb(service.pid):.1f} MB; soaking for {args.minutes:g} min with {args.clients} clients",

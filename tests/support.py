@@ -1,19 +1,16 @@
-"""Helpers for the tests that start real processes (the service, Prometheus, nginx)."""
+"""Helpers for the tests that start real processes (the service, Prometheus, nginx). The process helpers the
+benchmarks share (a free port, the service's environment, starting and stopping it) live in
+``benchmarks.fixtures`` and are reused here; what is test-specific (``wait_for`` failing with an assertion and
+the log's tail) stays."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from benchmarks.fixtures import free_port
 
 
 def tail(log: Path | None, lines: int = 40) -> str:
@@ -40,3 +37,6 @@ def wait_for(check: Callable[[], Any], timeout_s: float, what: str, process: sub
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout_s:.0f} s\n{tail(log)}")
         time.sleep(0.1)
+
+
+__all__ = ["free_port", "tail", "wait_for"]

@@ -2,26 +2,20 @@ import open_clip
 import pytest
 import torch
 
-from model.checkpoint import CheckpointMetadata, save_checkpoint
+from benchmarks.fixtures import random_checkpoint
 from model.config import InferenceParams, tiny_test_config
 from model.convert_official import convert_official
-from model.network import ZUTIS
-from model.text import TextEncoder
 from model.vocabularies import load_vocabulary
 from tests.model.official_reference import (TINY, TINY_CLIP, encode_text, random_official_state_dict,
                                             random_openai_clip_state_dict)
 
 
 def make_tiny_checkpoint(path, seed: int = 0, **metadata_overrides):
-    """A randomly initialised tiny checkpoint (a real file in our format)."""
-    torch.manual_seed(seed)
-    cfg = tiny_test_config()
-    model, text = ZUTIS(cfg), TextEncoder(cfg)
-    meta = dict(model_id="tiny-test", model_config=cfg, vocabulary=["background", "cat", "dog"],
-                inference=InferenceParams(score_threshold=0.0), provenance={"made_by": "tests"})
+    """A randomly initialised tiny checkpoint (a real file in our format: ``benchmarks.fixtures.random_checkpoint``
+    of the tiny test model)."""
+    meta = dict(model_id="tiny-test", inference=InferenceParams(score_threshold=0.0), provenance={"made_by": "tests"})
     meta.update(metadata_overrides)
-    save_checkpoint(path, model, text.tower, CheckpointMetadata(**meta))
-    return path
+    return random_checkpoint(path, tiny_test_config(), seed=seed, **meta)
 
 
 @pytest.fixture(scope="session")
