@@ -248,3 +248,22 @@ def test_unset_opt_in_sections_stay_out_of_the_saved_config():
     d = TrainConfig.from_dict(json.loads(path.read_text())).to_dict()
     assert "init_checkpoint" not in d and "oracle_scenes" not in d
     assert TrainConfig.from_dict(d).to_dict() == d
+
+
+def test_cpu_bf16_autocast_trains_close_to_float32_and_may_change_on_resume(world, tmp_path):
+    plain = _config(world, tmp_path)
+    amp = _config(world, tmp_path, **{"optim.cpu_amp": True})
+    assert main(["--config", str(plain), "--device", "cpu", "--out", str(tmp_path / "fp32")]) == 0
+    assert main(["--config", str(amp), "--device", "cpu", "--out", str(tmp_path / "bf16")]) == 0
+    a, b = _state(tmp_path / "fp32" / "train_state.pt"), _state(tmp_path / "bf16" / "train_state.pt")
+    moved = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert moved, "cpu_amp changed nothing: autocast did not run"
+    for k in a["model"]:  # 4 steps at lr 1e-3 from the same start: bf16 rounding, not another model
+        assert torch.isfinite(b["model"][k]).all() and (a["model"][k] - b["model"][k]).abs().max() < 0.05, k
+    logs = [[json.loads(line)["total"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+            for d in ("fp32", "bf16")]
+    assert logs[0][0] == pytest.approx(logs[1][0], rel=0.05)
+    # a speed knob, not a change of recipe: a float32 run may be resumed with bf16 autocast
+    split = tmp_path / "split"
+    assert main(["--config", str(plain), "--device", "cpu", "--out", str(split), "--stop-at", "2"]) == 0
+    assert main(["--config", str(amp), "--device", "cpu", "--out", str(split), "--resume"]) == 0
