@@ -30,7 +30,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.fixtures import coco_like_jpegs, random_checkpoint, vit_b16_config  # noqa: E402 (importable once the line above ran)
+# importable once the lines above ran:
+from benchmarks.fixtures import coco_like_jpegs, random_checkpoint, vit_b16_config  # noqa: E402
 from benchmarks.reports import write_json_report  # noqa: E402
 
 def run_geometry(predictor, jpegs: list[bytes], batches: list[list[int]], concepts: list[str]) -> dict:

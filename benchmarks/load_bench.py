@@ -37,7 +37,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.fixtures import blob_jpeg, random_checkpoint, start_service, stop, vit_b16_config, wait_ready  # noqa: E402,E501
+# importable once the lines above ran:
+from benchmarks.fixtures import (blob_jpeg, random_checkpoint, start_service, stop, vit_b16_config,  # noqa: E402
+                                 wait_ready)
 
 VOCABULARIES = [
     ["cat", "dog"],

@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.fixtures import free_port, rss_mb, start_service, wait_ready  # noqa: E402 (importable once the line above ran)
+# importable once the lines above ran:
+from benchmarks.fixtures import free_port, rss_mb, start_service, wait_ready  # noqa: E402
 from benchmarks.reports import write_json_report  # noqa: E402
 
 CONCEPTS = ["red circle", "blue star", "green heart", "yellow square", "purple triangle", "cat", "orange ring"]

@@ -194,5 +194,5 @@ def tiny_test_config(**overrides: Any) -> ModelConfig:
     return ModelConfig(**base)
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD", "CLIP_FIELDS", "reject_unknown_keys", "ModelConfig",
-           "InferenceParams", "tiny_test_config"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD", "CLIP_FIELDS", "reject_unknown_keys",
+           "ModelConfig", "InferenceParams", "tiny_test_config"]

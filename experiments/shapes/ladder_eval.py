@@ -2,7 +2,8 @@
 
 One prediction pass (``model.training.evaluation.runner.evaluate_checkpoint`` with the release's 0.001 score
 floor, so the exported service threshold does not cut the ranking), scored category-aware (AP, AP50, AP75, mIoU)
-and class-agnostic (the same predictions, every category mapped to one). For the ladder's rows (experiments/shapes/ladder-r0.md).
+and class-agnostic (the same predictions, every category mapped to one). For the ladder's rows
+(experiments/shapes/ladder-r0.md).
 
     MALLOC_MMAP_THRESHOLD_=33554432 .venv/bin/python experiments/shapes/ladder_eval.py \\
         --checkpoint runs/ladder/r0_grad/model.safetensors --scenes runs/ladder/cache/shapes_test_colour-*/

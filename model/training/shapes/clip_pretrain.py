@@ -53,8 +53,8 @@ from torch import nn
 from tqdm import tqdm
 
 from model.backbone import build_text_tower, build_vision_tower, interpolate_pos_embed
-from model.clip_weights import ClipTowers, load_state_strict, read_state_dict, save_clip, split_clip_state_dict
 from model.checkpoint import file_sha256
+from model.clip_weights import ClipTowers, load_state_strict, read_state_dict, save_clip, split_clip_state_dict
 from model.config import ModelConfig
 from model.training.runtime import cpu_bf16, tune_cpu_allocator
 from model.training.shapes.clip_data import CachedTokenizer, caption_batches
