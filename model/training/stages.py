@@ -256,15 +256,14 @@ def prepare_training_data(data: DataConfig, vocabulary: Sequence[str], clip_weig
     return TrainingData(retrieval, annotations, provenance)
 
 
-def index_stage_inputs(data: DataConfig, clip_weights: str, model_config: ModelConfig,
-                       _arch: dict[str, Any] | None = None) -> dict[str, Any]:
+def index_stage_inputs(data: DataConfig, clip_weights: str, model_config: ModelConfig) -> dict[str, Any]:
     """What the index stage is keyed on: the image folders' fingerprints, the retrieval CLIP file's content, the
     CLIP's own architecture fields (``ModelConfig.clip_architecture``: never the ZUTIS decoder or heads) and, for a
     CLIP trained with another normalisation, that normalisation."""
     weights, arch = _retrieval_clip(data, clip_weights, model_config)
     mean, std = clip_normalisation(weights)
     inputs = {"image_dirs": {d: folder_fingerprint(d) for d in data.index_dirs},
-              "clip_weights": file_sha256(weights), "clip_model": arch if _arch is None else _arch}
+              "clip_weights": file_sha256(weights), "clip_model": arch}
     if (mean, std) != (CLIP_MEAN, CLIP_STD):  # only then, so that existing index caches keep their keys
         inputs["normalisation"] = {"mean": list(mean), "std": list(std)}
     return inputs
@@ -277,8 +276,8 @@ def retrieval_stage_inputs(data: DataConfig, vocabulary: Sequence[str], index_in
             "templates": data.retrieval_templates}
 
 
-def pseudo_mask_stage_inputs(data: DataConfig, paths: Sequence[str], clip_weights: str, model_config: ModelConfig,
-                             _arch: dict[str, Any] | None = None) -> dict[str, Any]:
+def pseudo_mask_stage_inputs(data: DataConfig, paths: Sequence[str], clip_weights: str, model_config: ModelConfig
+                             ) -> dict[str, Any]:
     """What the pseudo-mask stage is keyed on: the image paths, the extractors, their options and weight files, and
     (only with the "clip" extractor) the retrieval CLIP's file and own architecture fields."""
     options = dict(data.pseudo_masks)
@@ -287,14 +286,17 @@ def pseudo_mask_stage_inputs(data: DataConfig, paths: Sequence[str], clip_weight
     clip_file, clip_arch = _retrieval_clip(data, clip_weights, model_config)
     return {"images": stage_key({"paths": list(paths)}), "extractors": names, "options": options,
             **{k: file_sha256(v) for k, v in weights.items() if v},
-            **({"clip_weights": file_sha256(clip_file), "clip_model": clip_arch if _arch is None else _arch}
-               if "clip" in names else {})}
+            **({"clip_weights": file_sha256(clip_file), "clip_model": clip_arch} if "clip" in names else {})}
 
 
-def _legacy_arch(data: DataConfig, model_config: ModelConfig) -> dict[str, Any] | None:
-    """What the CLIP stages were keyed on before they keyed on the CLIP's own fields: the whole ModelConfig (or the
-    retrieval file's architecture dict as given). Only to adopt caches built under those keys."""
-    return data.retrieval_clip_model if data.retrieval_clip_weights else model_config.to_dict()
+def _legacy(inputs: dict[str, Any], data: DataConfig, model_config: ModelConfig) -> dict[str, Any]:
+    """``inputs`` as the stage was keyed before it keyed on the CLIP's own fields: with the whole ModelConfig (or
+    the retrieval file's architecture dict as given) as ``clip_model``. Only to adopt caches built under those keys;
+    a stage that does not read the CLIP (no ``clip_model``) is unchanged."""
+    if "clip_model" not in inputs:
+        return inputs
+    old = data.retrieval_clip_model if data.retrieval_clip_weights else model_config.to_dict()
+    return {**inputs, "clip_model": old}
 
 
 def _retrieval_stages(data: DataConfig, vocabulary: Sequence[str], clip_weights: str, model_config: ModelConfig,
@@ -304,7 +306,7 @@ def _retrieval_stages(data: DataConfig, vocabulary: Sequence[str], clip_weights:
     mean, std = clip_normalisation(weights)
     index_inputs = index_stage_inputs(data, clip_weights, model_config)
     retrieval_inputs = retrieval_stage_inputs(data, vocabulary, index_inputs)
-    old_index = index_stage_inputs(data, clip_weights, model_config, _arch=_legacy_arch(data, model_config))
+    old_index = _legacy(index_inputs, data, model_config)
     old_retrieval = retrieval_stage_inputs(data, vocabulary, old_index)
 
     def clip() -> Any:
@@ -334,7 +336,7 @@ def _pseudo_mask_stage(data: DataConfig, retrieval: dict[str, list[str]], clip_w
     weights = {k: options.pop(k, None) for k in ("dino_weights", "moco_weights")}
     clip_file, clip_arch = _retrieval_clip(data, clip_weights, model_config)
     inputs = pseudo_mask_stage_inputs(data, paths, clip_weights, model_config)
-    old = pseudo_mask_stage_inputs(data, paths, clip_weights, model_config, _arch=_legacy_arch(data, model_config))
+    old = _legacy(inputs, data, model_config)
 
     def build(out: Path) -> None:
         visual = _load_clip(clip_file, clip_arch, device).visual if "clip" in names else None

@@ -183,13 +183,13 @@ def test_a_head_only_change_reuses_all_three_stages_and_old_keys_are_adopted(tmp
 
     # A cache written under the old keys (the whole ModelConfig): rename each stage folder to its old name.
     paths = sorted({p for ps in first.retrieval.values() for p in ps})
-    index, old_index = (index_stage_inputs(data, str(clip), head_only, **kw)
-                        for kw in ({}, {"_arch": head_only.to_dict()}))
+    index = index_stage_inputs(data, str(clip), head_only)
+    old_index = {**index, "clip_model": head_only.to_dict()}  # what the key held before: the whole ModelConfig
+    masks = pseudo_mask_stage_inputs(data, paths, str(clip), head_only)
     pairs = [("index", index, old_index),
              ("retrieval", retrieval_stage_inputs(data, ["cat", "dog"], index),
               retrieval_stage_inputs(data, ["cat", "dog"], old_index)),
-             ("pseudo_masks", pseudo_mask_stage_inputs(data, paths, str(clip), head_only),
-              pseudo_mask_stage_inputs(data, paths, str(clip), head_only, _arch=head_only.to_dict()))]
+             ("pseudo_masks", masks, {**masks, "clip_model": head_only.to_dict()})]
     for name, new, old in pairs:
         assert stage_dir(cache, name, new) != stage_dir(cache, name, old)
         stage_dir(cache, name, new).rename(stage_dir(cache, name, old))
