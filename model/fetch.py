@@ -133,15 +133,16 @@ def fetch_model(model: ZooModel, cache_dir: str | Path, out: str | Path | None =
 
 
 def _check_zutis_file(model: ZooModel, zutis: Downloaded) -> None:
-    """Before downloading CLIP: the ZUTIS file is a state dict of the manifest's architecture (read lazily with
-    ``mmap``: only ``encoder.conv1.weight`` is touched). An unusable file is deleted."""
+    """Before downloading CLIP: the ZUTIS file is a state dict of the manifest's architecture, or of an official
+    one when the manifest names none (read lazily with ``mmap``: only ``encoder.conv1.weight`` is touched). An
+    unusable file is deleted."""
     try:
         state = torch.load(str(zutis.path), map_location="cpu", weights_only=True, mmap=True)
         if not isinstance(state, dict):
             raise ValueError(f"expected a state dict, got {type(state).__name__}")
-        if isinstance(model.architecture, str):
+        if not isinstance(model.architecture, ModelConfig):  # official: named, or inferred from the patch size
             found = infer_architecture(state)
-            if found != model.architecture:
+            if model.architecture is not None and found != model.architecture:
                 raise ValueError(f"wrong architecture: the file is a {found} model (patch size of "
                                  f"encoder.conv1.weight), the manifest says {model.architecture}")
     except Exception as exc:  # noqa: BLE001 - a truncated zip, a pickle with objects, a wrong layout...
