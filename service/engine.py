@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from model.config import InferenceParams
+from model.download import FetchError
 from model.embedding_cache import TextEmbeddingCache
 from model.predictor import Predictor
 from model.text import with_background
@@ -272,7 +273,10 @@ class Engine:
 
     def _fail(self, exc: BaseException) -> None:
         """The model failed to load or warm up: ``failed``, reported through /healthz and ``on_fatal``."""
-        log.error("the model failed to load or warm up", exc_info=exc)
+        if isinstance(exc, FetchError):  # one line naming the URL and what was wrong; a traceback adds nothing
+            log.error("could not fetch the model: %s", exc)
+        else:
+            log.error("the model failed to load or warm up", exc_info=exc)
         self.error = exc
         self._admission.phase = EngineState.FAILED
         if self._on_fatal is not None:

@@ -10,12 +10,13 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.dtypes import DtypeName
 
 DEFAULT_CHECKPOINT = Path("weights/zutis-shapes.safetensors")
+ZOO_PREFIX = "zoo:"  # ZUTIS_CHECKPOINT=zoo:NAME (model.zoo.ZOO_PREFIX; not imported: settings load before torch)
 MiB = 1024 * 1024
 
 
@@ -26,8 +27,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ZUTIS_", env_ignore_empty=True, extra="forbid", frozen=True)
 
     # -- model ------------------------------------------------------------------------------------------------
-    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint file (our safetensors format); a relative "
-                                                             "path is relative to the working directory")
+    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint file (our safetensors format; a relative "
+                                                             "path is relative to the working directory), or "
+                                                             "zoo:NAME, a model of the zoo fetched into "
+                                                             "ZUTIS_CACHE_DIR at start-up (python -m model.fetch)")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     dtype: DtypeName = Field(
         "auto", description="compute precision: auto is float32 on CPU and float16 autocast on CUDA")
@@ -37,6 +40,12 @@ class Settings(BaseSettings):
                                                               "torch's own choice (the cores)")
     flush_denormal: bool = Field(True, description="flush denormal floats to zero in the model's threads "
                                                    "(CPU speed; see docs/shapes-notes)")
+
+    # -- model zoo (ZUTIS_CHECKPOINT=zoo:NAME) -----------------------------------------------------------------
+    cache_dir: Path = Field(Path("~/.cache/zutis"), description="where zoo models are downloaded and converted "
+                                                                "(shared with python -m model.fetch)")
+    zoo_manifest: Path | None = Field(None, description="a zoo manifest (JSON) replacing the built-in one: a private "
+                                                        "mirror's URLs and hashes, or private models")
 
     # -- batching ---------------------------------------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, le=64, description="most images in one forward pass")
@@ -85,6 +94,23 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(0.0, ge=0.0, description="after SIGTERM, seconds during which /readyz is 503 but "
                                                           "new requests are still accepted (endpoint removal)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @model_validator(mode="after")
+    def _zoo_name_given(self) -> Settings:
+        if str(self.checkpoint) == ZOO_PREFIX:
+            raise ValueError(f"ZUTIS_CHECKPOINT={self.checkpoint}: name a zoo model after '{ZOO_PREFIX}', e.g. "
+                             f"{ZOO_PREFIX}coco-vit-b16 (python -m model.fetch --list shows them)")
+        return self
+
+    def zoo_model(self) -> str | None:
+        """The zoo model's name when ``ZUTIS_CHECKPOINT`` is ``zoo:NAME``; None for a checkpoint file."""
+        value = str(self.checkpoint)
+        return value[len(ZOO_PREFIX):] if value.startswith(ZOO_PREFIX) else None
 
     @model_validator(mode="after")
     def _grace_within_drain(self) -> Settings:

@@ -24,6 +24,27 @@ class Status(BaseModel):
     state: str = Field(description="engine state: loading, warming, ready, draining, stopped or failed")
 
 
+class SourceFile(BaseModel):
+    url: str
+    sha256: str = Field(description="sha256 of the file as downloaded")
+    verified: bool = Field(description="whether the manifest gave this sha256 and the file matched it")
+
+
+class ZooInfo(BaseModel):
+    name: str = Field(description="the zoo model's name, e.g. coco-vit-b16")
+    files: dict[str, SourceFile] = Field(description="the official files it was converted from: zutis, clip")
+
+
+def zoo_info(provenance: dict[str, Any]) -> ZooInfo | None:
+    """The zoo part of a checkpoint's provenance (written by model.fetch), or None."""
+    if "zoo_model" not in provenance:
+        return None
+    files = {kind: SourceFile(url=str(provenance.get(f"{kind}_url")), sha256=str(provenance.get(f"{kind}_sha256")),
+                              verified=bool(provenance.get(f"{kind}_sha256_verified")))
+             for kind in ("zutis", "clip")}
+    return ZooInfo(name=str(provenance["zoo_model"]), files=files)
+
+
 class Info(BaseModel):
     version: str
     state: str
@@ -42,6 +63,8 @@ class Info(BaseModel):
     limits: dict[str, Any]
     batching: dict[str, Any]
     auth: bool = Field(description="whether /segment and /info need an API key")
+    zoo: ZooInfo | None = Field(None, description="the zoo model the checkpoint was fetched as (ZUTIS_CHECKPOINT="
+                                                  "zoo:NAME or python -m model.fetch); null for other checkpoints")
 
 
 @router.get("/healthz", response_model=Status, responses={500: {"model": ErrorBody}}, summary="Liveness")
@@ -78,7 +101,8 @@ async def info(engine: EngineDep, settings: SettingsDep, _: ApiKey) -> Info:
                 dtype=str(predictor.dtype).removeprefix("torch."), device=str(predictor.device),
                 vocabulary=list(meta.vocabulary),
                 prompt_templates=meta.prompt_templates, inference_defaults=predictor.default_params.to_dict(),
-                limits=settings.limits(), batching=settings.batching(), auth=settings.api_key is not None)
+                limits=settings.limits(), batching=settings.batching(), auth=settings.api_key is not None,
+                zoo=zoo_info(meta.provenance))
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics",
