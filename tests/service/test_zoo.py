@@ -120,3 +120,18 @@ def test_python_m_service_exits_non_zero_with_one_line_when_the_fetch_fails(tmp_
     assert "Traceback" not in result.stderr
     assert f"downloading {mirror.url(ZUTIS)}" in result.stderr  # progress in the log
     assert not (tmp_path / "c" / "checkpoints").exists() or not any((tmp_path / "c" / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_python_m_service_serves_a_zoo_model(tmp_path, mirror):
+    from tests.service.test_main import running_service
+
+    log = tmp_path / "service.log"
+    with running_service("zoo:tiny-coco", log, ZOO_MANIFEST=str(mirror.manifest), CACHE_DIR=str(tmp_path / "c"),
+                         INPUT_SIZE="64", MAX_BATCH_SIZE="2") as service:
+        info = service.get("/info").json()
+        assert info["zoo"]["name"] == "tiny-coco" and info["zoo"]["files"]["clip"]["verified"] is True
+        assert service.segment().status_code == 200
+    text = log.read_text()
+    assert "fetching zoo model tiny-coco" in text and f"downloading {mirror.url(ZUTIS)}" in text
+    assert "tiny-coco: wrote" in text
