@@ -88,6 +88,24 @@ def test_compose_checkpoint_chosen_by_environment_from_mounted_weights(path):
         assert str(service["environment"]["ZUTIS_PORT"]) == str(CONTAINER_PORT), name
 
 
+def image_cache_dir() -> str:
+    """The image's ZUTIS_CACHE_DIR (Dockerfile ENV), where zoo models are fetched to."""
+    return re.search(r"ZUTIS_CACHE_DIR=(\S+)", (REPO_ROOT / "Dockerfile").read_text(encoding="utf-8")).group(1)
+
+
+@pytest.mark.parametrize("path", [COMPOSE, REPLICAS], ids=["single", "replicas"])
+def test_compose_zoo_cache_is_one_named_volume_at_the_images_cache_dir(path):
+    compose = load_yaml(path)
+    sources = set()
+    for name, service in zutis_services(compose).items():
+        cache = container_mount(service, image_cache_dir())
+        assert cache.get("type") == "volume" and not cache.get("read_only"), name
+        sources.add(cache["source"])
+        assert "ZUTIS_ZOO_MANIFEST" in service["environment"], f"{name}: a private mirror's manifest passes through"
+    (source,) = sources  # replicas share it: the first downloads, the others wait on its lock
+    assert source in compose["volumes"]
+
+
 @pytest.mark.parametrize("path", [COMPOSE, REPLICAS], ids=["single", "replicas"])
 def test_compose_service_restarts_and_stops_gracefully(path):
     for name, service in zutis_services(load_yaml(path)).items():
@@ -310,6 +328,19 @@ def test_compose_checkpoint_follows_the_environment(compose_command):
     assert json.loads(result.stdout)["services"]["zutis"]["environment"]["ZUTIS_CHECKPOINT"] == (
         "/app/weights/other.safetensors"
     )
+
+
+def test_compose_serves_a_zoo_model_from_the_environment(compose_command):
+    # The README's example: ZUTIS_CHECKPOINT=zoo:coco-vit-b16 docker compose up -d
+    from model.zoo import load_manifest
+
+    result = compose_config(compose_command, COMPOSE, {"ZUTIS_CHECKPOINT": "zoo:coco-vit-b16"})
+    assert result.returncode == 0, result.stderr
+    service = json.loads(result.stdout)["services"]["zutis"]
+    assert service["environment"]["ZUTIS_CHECKPOINT"] == "zoo:coco-vit-b16"
+    assert "coco-vit-b16" in load_manifest()
+    (cache,) = [v for v in service["volumes"] if v["target"] == image_cache_dir()]
+    assert cache["type"] == "volume" and cache["source"] == "zutis-cache"
 
 
 def test_compose_validator_rejects_an_invalid_file(compose_command, tmp_path):
