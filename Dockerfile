@@ -73,7 +73,7 @@ EXPOSE 8000
 
 # Healthy means ready: /readyz answers 200 only once the model is loaded and warmed up, and 503 again while the
 # service drains after SIGTERM. The start period covers a first start with ZUTIS_CHECKPOINT=zoo:NAME (about
-# 900 MB downloaded and converted: README "Real photographs"), then loading and warm-up on a cold GPU; a ready
+# 850 MB downloaded and converted: README "Real photographs"), then loading and warm-up on a cold GPU; a ready
 # container turns healthy at once whatever its length.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10m --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('ZUTIS_PORT', '8000') + '/readyz', timeout=2)"]

@@ -5,7 +5,7 @@ the network), the conversion, the cache hit, and loading the checkpoint. A scrip
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/fetch_bench.py --out runs/fetch-bench/report.json
 
-The real download adds (file sizes) / (bandwidth): about 90 s at 10 MB/s. The CLIP stand-in is a state dict, the
+The real download adds (file sizes) / (bandwidth): about 85 s at 10 MB/s. The CLIP stand-in is a state dict, the
 real file a TorchScript archive of the same tensors (a little larger: it also holds the model's code).
 """
 

@@ -193,7 +193,7 @@ def test_an_init_container_fetches_the_zoo_model_the_service_then_finds():
     (volume,) = [v for v in pod["volumes"] if v["name"] == fetch_mount["name"]]
     assert "emptyDir" in volume, "the pod's own cache: no claim to provision, nothing to copy in"
     quantity = volume["emptyDir"]["sizeLimit"]
-    assert quantity.endswith("Gi") and int(quantity[:-2]) >= 3, "raw files (~0.9 GB) plus checkpoint (~0.8 GB)"
+    assert quantity.endswith("Gi") and int(quantity[:-2]) >= 3, "raw files (~0.85 GB) plus checkpoint (~0.8 GB)"
 
 
 def test_no_claim_needs_a_storage_class_most_clusters_lack():
