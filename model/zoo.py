@@ -115,9 +115,8 @@ def load_manifest(path: str | Path | None = None) -> dict[str, ZooModel]:
     where = f"zoo manifest {path}"
     if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict) or not doc["models"]:
         raise ManifestError(f"{where}: expected an object with a non-empty \"models\" object")
-    unknown = set(doc) - {"format", "sources", "models"}
-    if unknown:
-        raise ManifestError(f"{where}: unknown top-level key(s) {sorted(unknown)}")
+    # Other top-level keys ("format", "sources", a mirror's own notes) are metadata and ignored; inside an
+    # entry, unknown keys are errors (a misspelt "sha256" must not silently skip the check).
     return {name: _parse_model(name, entry, f"{where}: models.{name}") for name, entry in doc["models"].items()}
 
 
@@ -142,6 +141,8 @@ def _parse_model(name: str, entry: Any, where: str) -> ZooModel:
         if required not in entry:
             raise ManifestError(f"{where}: \"{required}\" is required")
     vocabulary = entry["vocabulary"]
+    if isinstance(vocabulary, str) and vocabulary.replace("-", "_").lower() in VOCABULARIES:
+        vocabulary = vocabulary.replace("-", "_").lower()  # "imagenet-s919", as the model names spell it
     if vocabulary not in VOCABULARIES:
         raise ManifestError(f"{where}.vocabulary: {vocabulary!r} is not one of {list(VOCABULARIES)}")
     geometry = entry.get("geometry", DEFAULT_GEOMETRY)
@@ -188,8 +189,10 @@ def _parse_file(entry: Any, where: str) -> RemoteFile:
 
 
 def _parse_architecture(value: Any, where: str) -> str | ModelConfig | None:
-    if value is None or value in OFFICIAL_ARCHITECTURES:
-        return value
+    if isinstance(value, str) and value.replace("/", "-") in OFFICIAL_ARCHITECTURES:
+        return value.replace("/", "-")  # "ViT-B/16", as papers write it
+    if value is None:
+        return None
     if isinstance(value, dict):
         try:
             return ModelConfig.from_dict(dict(value))

@@ -77,6 +77,9 @@ def test_minimal_entry_gets_the_official_defaults(tmp_path):
     assert model == ZooModel(name="m", zutis=model.zutis, clip=model.clip, vocabulary="coco")
     assert (model.architecture, model.geometry, model.input_size, model.paper) == (None, "native", 640, ())
     assert model.clip.sha256 == "ab" * 32  # normalised to lower case
+    spelled = find_model("m", write(tmp_path, {**minimal(vocabulary="imagenet-s919", architecture="ViT-B/32"),
+                                               "version": 1}))  # other top-level keys are metadata
+    assert (spelled.vocabulary, spelled.architecture) == ("imagenet_s919", "ViT-B-32")
     custom = find_model("m", write(tmp_path, minimal(architecture=tiny_test_config().to_dict())))
     assert custom.architecture == tiny_test_config()
 
@@ -84,7 +87,7 @@ def test_minimal_entry_gets_the_official_defaults(tmp_path):
 @pytest.mark.parametrize("doc, message", [
     ("{not json", "not readable JSON"),
     ({"model": {}}, "expected an object with a non-empty \"models\" object"),
-    ({"models": {}, "extra": 1}, "expected an object with a non-empty"),
+    ({"models": {}, "format": "zutis-zoo/1"}, "expected an object with a non-empty"),
     (minimal(zutis={"url": "https://mirror.example/z.pt", "sha": None}), "models.m.zutis: unknown key\\(s\\) \\['sha'\\]"),
     (minimal(zutis={"url": "ftp://mirror.example/z.pt"}), "models.m.zutis.url: expected an http\\(s\\) URL"),
     (minimal(clip={"url": "https://mirror.example/c.pt", "sha256": "abc"}),
