@@ -185,14 +185,25 @@ def _attempt(remote: RemoteFile, part: Path, client: httpx.Client, progress: "_P
     try:
         with client.stream("GET", remote.url, headers=headers) as response:
             offset, total = _check_response(remote, response, resume, part)
+            # Asked for identity, but a server may compress anyway: then store the decoded bytes, whose length
+            # the headers do not give, and never resume (ranges would count compressed bytes).
+            encoded = response.headers.get("Content-Encoding", "identity").strip().lower() not in ("identity", "")
+            if encoded:
+                if offset:
+                    _discard(part)
+                    raise _Retry("the server compressed a partial response; restarting from byte 0")
+                total = None
             progress.start(total, offset)
             mode = "ab" if offset else "wb"
             with open(part, mode) as out:
-                if offset == 0:  # a fresh file: remember what a later range request must match
+                if offset == 0 and not encoded:  # a fresh file: what a later range request must match
                     _write_json(_record_path(part), {"url": remote.url, "validator": _validator(response)})
+                elif encoded:  # no record: a retry starts from byte 0
+                    _record_path(part).unlink(missing_ok=True)
                 first = offset == 0
                 received = offset
-                for chunk in response.iter_raw():  # as it arrives: a drop loses nothing received
+                # iter_raw: as it arrives, so that a dropped connection loses nothing already received
+                for chunk in (response.iter_bytes() if encoded else response.iter_raw()):
                     if first:
                         _reject_html(remote.url, response, chunk)
                         first = False

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import shlex
@@ -42,12 +43,12 @@ from model.download import Downloaded, DownloadPolicy, FetchError, download, rem
 from model.vocabularies import VOCABULARIES
 from model.zoo import (
     DEFAULT_GEOMETRY,
-    DEFAULT_INPUT_SIZE,
     OFFICIAL_ARCHITECTURES,
     ManifestError,
     ZooModel,
     find_model,
     load_manifest,
+    official_input_size,
     parse_remote_file,
     parse_zoo_reference,
 )
@@ -191,13 +192,25 @@ def _one_line(exc: BaseException) -> str:
 
 
 def explicit_model(zutis_url: str, clip_url: str, vocabulary: str, zutis_sha256: str | None = None,
-                   clip_sha256: str | None = None, architecture: str | None = None,
-                   input_size: int = DEFAULT_INPUT_SIZE, geometry: str = DEFAULT_GEOMETRY) -> ZooModel:
+                   clip_sha256: str | None = None, architecture: str | ModelConfig | None = None,
+                   input_size: int | None = None, geometry: str = DEFAULT_GEOMETRY) -> ZooModel:
     """A ``ZooModel`` named ``custom`` from explicit URLs (the command's mirror form); ``ManifestError`` for a bad
-    URL or hash."""
+    URL or hash. ``input_size`` defaults to the official protocol's for the vocabulary."""
     return ZooModel(name=CUSTOM_NAME, zutis=parse_remote_file(zutis_url, zutis_sha256, where="--zutis-url"),
                     clip=parse_remote_file(clip_url, clip_sha256, where="--clip-url"), vocabulary=vocabulary,
-                    architecture=architecture, geometry=geometry, input_size=input_size)
+                    architecture=architecture, geometry=geometry,
+                    input_size=input_size if input_size is not None else official_input_size(vocabulary))
+
+
+def _architecture_argument(value: str | None) -> str | ModelConfig | None:
+    """``--arch``: an official name, or a JSON file of ``ModelConfig`` fields (a private model of another size)."""
+    if value is None or value.replace("/", "-") in OFFICIAL_ARCHITECTURES:
+        return None if value is None else value.replace("/", "-")
+    try:
+        return ModelConfig.from_dict(json.loads(Path(value).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ManifestError(f"--arch {value}: neither {' nor '.join(OFFICIAL_ARCHITECTURES)} nor a readable JSON "
+                            f"file of ModelConfig fields ({exc})") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -214,9 +227,10 @@ def _parser() -> argparse.ArgumentParser:
     explicit.add_argument("--vocabulary", choices=VOCABULARIES)
     explicit.add_argument("--zutis-sha256", help="expected sha256 of the ZUTIS file (checked when given)")
     explicit.add_argument("--clip-sha256", help="expected sha256 of the CLIP file (checked when given)")
-    explicit.add_argument("--arch", choices=OFFICIAL_ARCHITECTURES, help="default: inferred from the weights")
-    explicit.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE,
-                          help="longer-side cap stored in the checkpoint (official protocol: 640; ImageNet-S 1024)")
+    explicit.add_argument("--arch", help="ViT-B-16, ViT-B-32, or a JSON file of ModelConfig fields; default: "
+                                         "inferred from the weights")
+    explicit.add_argument("--input-size", type=int, help="longer-side cap stored in the checkpoint (default: the "
+                                                         "official protocol's, 640; ImageNet-S 1024)")
     download_ = parser.add_argument_group("downloads")
     download_.add_argument("--timeout", type=float, default=DownloadPolicy.timeout_s, help="seconds per read")
     download_.add_argument("--retries", type=int, default=DownloadPolicy.retries,
@@ -235,8 +249,10 @@ def _resolve_model(args: argparse.Namespace, parser: argparse.ArgumentParser, ma
         return find_model(name, manifest)
     if not all(explicit):
         parser.error("give a zoo name (see --list), or all of --zutis-url, --clip-url and --vocabulary")
+    if args.input_size is not None and args.input_size < 8:
+        parser.error("--input-size must be at least 8")
     return explicit_model(args.zutis_url, args.clip_url, args.vocabulary, args.zutis_sha256, args.clip_sha256,
-                          args.arch, args.input_size)
+                          _architecture_argument(args.arch), args.input_size)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,7 @@ air-gapped mirror or private models)::
         "vocabulary": "coco",
         "architecture": "ViT-B-16",     # optional: inferred from the weights (patch size); or ModelConfig fields
         "geometry": "native",           # optional: the official protocol's, native
-        "input_size": 640,              # optional: 640 (COCO's longer side); ImageNet-S uses 1024
+        "input_size": 640,              # optional: the official protocol's, 640 (COCO, CoCA) or 1024 (ImageNet-S)
         "description": "...", "paper": [{"benchmark": "...", "metric": "...", "value": 5.7}]}}}
 
 Where the built-in entries come from (cited in ``zoo.json``'s ``sources``): the ZUTIS files are the ones the
@@ -37,6 +37,14 @@ ZOO_PREFIX = "zoo:"
 OFFICIAL_ARCHITECTURES = ("ViT-B-16", "ViT-B-32")
 DEFAULT_GEOMETRY = "native"
 DEFAULT_INPUT_SIZE = 640
+# The official protocol's longer-side cap (reference §3.6): COCO and CoCA images go in at their own size (640 is
+# COCO's longer side), ImageNet-S images are capped at 1024.
+OFFICIAL_INPUT_SIZES = {"coco": 640, "coca": 640, "imagenet_s919": 1024}
+
+
+def official_input_size(vocabulary: str) -> int:
+    """The official protocol's longer-side cap for a model trained on ``vocabulary``."""
+    return OFFICIAL_INPUT_SIZES.get(vocabulary, DEFAULT_INPUT_SIZE)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _MODEL_KEYS = {"zutis", "clip", "vocabulary", "architecture", "geometry", "input_size", "description", "paper"}
@@ -148,7 +156,7 @@ def _parse_model(name: str, entry: Any, where: str) -> ZooModel:
     geometry = entry.get("geometry", DEFAULT_GEOMETRY)
     if geometry not in GEOMETRIES:
         raise ManifestError(f"{where}.geometry: {geometry!r} is not one of {list(GEOMETRIES)}")
-    input_size = entry.get("input_size", DEFAULT_INPUT_SIZE)
+    input_size = entry.get("input_size", official_input_size(vocabulary))
     if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 8:
         raise ManifestError(f"{where}.input_size: expected an integer >= 8, got {input_size!r}")
     description = entry.get("description", "")

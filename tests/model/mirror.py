@@ -10,6 +10,7 @@ Every request is logged (path, Range header, status).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import threading
@@ -32,6 +33,7 @@ class Behaviour:
     status: int | None = None
     gate: threading.Event | None = None  # the body waits for it
     seconds_per_chunk: float = 0.0
+    gzip: bool = False  # compress the body (Content-Encoding: gzip) although the client asked for identity
 
 
 @dataclass
@@ -108,6 +110,10 @@ def _handler(mirror: Mirror) -> type[BaseHTTPRequestHandler]:
             if how.html:
                 return 200, HTML_PAGE, {"Content-Type": "text/html; charset=utf-8",
                                         "Content-Length": str(len(HTML_PAGE))}
+            if how.gzip:
+                body = gzip.compress(data)
+                return 200, body, {"Content-Type": "application/octet-stream", "Content-Encoding": "gzip",
+                                   "Content-Length": str(len(body))}
             etag = '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
             headers = {"Content-Type": "application/octet-stream", "ETag": etag}
             range_header = self.headers.get("Range")

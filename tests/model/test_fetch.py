@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.checkpoint import read_metadata
+from model.config import tiny_test_config
 from model.download import DownloadPolicy, FetchError, download
 from model.fetch import checkpoint_path, download_path, explicit_model, fetch_model, main
 from model.predictor import Predictor
@@ -373,16 +374,26 @@ def test_cli_by_name_prints_the_path_and_hits_the_cache(tmp_path, mirror, releas
 
 def test_cli_explicit_urls(tmp_path, mirror, release, capsys):
     publish_tiny_release(mirror, release)
-    # the tiny architecture is not an official one: the explicit form infers ViT-B-16/32 and says what is wrong
     out = tmp_path / "x.safetensors"
-    rc = main(["--zutis-url", mirror.url(ZUTIS), "--clip-url", mirror.url(CLIP), "--vocabulary", "coco",
-               "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--progress", "none"])
-    assert rc == 1
+    common = ["--zutis-url", mirror.url(ZUTIS), "--clip-url", mirror.url(CLIP), "--vocabulary", "coco",
+              "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--progress", "none"]
+    # The tiny architecture is no official one: without --arch it cannot be inferred, and the error says why.
+    assert main(common) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {mirror.url(ZUTIS)}: not a usable ZUTIS weights file (encoder.conv1.weight "
                           f"has patch size 8") and err.count("\n") == 1
-    model = explicit_model(mirror.url(ZUTIS), mirror.url(CLIP), "coco", None, sha256(mirror.files[CLIP]))
-    assert model.name == "custom" and model.clip.sha256 == sha256(mirror.files[CLIP])
+    assert not out.exists()
+    # With the architecture as a JSON file of ModelConfig fields and the CLIP hash checked, it converts.
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_test_config().to_dict()))
+    clip_sha = sha256(mirror.files[CLIP])
+    assert main([*common, "--arch", str(config), "--clip-sha256", clip_sha]) == 0
+    assert Path(capsys.readouterr().out.strip()) == out
+    prov = read_metadata(out).provenance
+    assert prov["zoo_model"] == "custom" and prov["clip_sha256"] == clip_sha and prov["clip_sha256_verified"]
+    assert read_metadata(out).input_size == 640
+    model = explicit_model(mirror.url(ZUTIS), mirror.url(CLIP), "imagenet_s919")
+    assert model.name == "custom" and model.input_size == 1024  # the official protocol's cap for ImageNet-S
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
@@ -399,6 +410,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert main(["--list"]) == 0
     listing = capsys.readouterr().out
     assert "coco-vit-b16\tcoco\tViT-B-16\tCOCO-20K instances mask AP 5.7" in listing
+
+
+def test_a_server_that_compresses_anyway_gives_the_file_itself(tmp_path, mirror):
+    data = bytes(range(256)) * 2000
+    mirror.files["g.bin"] = data
+    mirror.behaviour["g.bin"] = Behaviour(gzip=True)
+    got = download(RemoteFile(mirror.url("g.bin"), sha256(data)), tmp_path / "g.bin", FAST)
+    assert got.size == len(data) and (tmp_path / "g.bin").read_bytes() == data
 
 
 def test_progress_bar_on_request(tmp_path, mirror, capsys):

@@ -80,6 +80,7 @@ def test_minimal_entry_gets_the_official_defaults(tmp_path):
     spelled = find_model("m", write(tmp_path, {**minimal(vocabulary="imagenet-s919", architecture="ViT-B/32"),
                                                "version": 1}))  # other top-level keys are metadata
     assert (spelled.vocabulary, spelled.architecture) == ("imagenet_s919", "ViT-B-32")
+    assert spelled.input_size == 1024  # the official protocol's cap for ImageNet-S when none is given
     custom = find_model("m", write(tmp_path, minimal(architecture=tiny_test_config().to_dict())))
     assert custom.architecture == tiny_test_config()
 
