@@ -27,12 +27,14 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import httpx
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from model.zoo import RemoteFile
 
@@ -97,7 +99,7 @@ def download(remote: RemoteFile, dest: str | Path, policy: DownloadPolicy = Down
     if hit is not None:  # no lock, no write: works on a read-only cache
         return hit
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dest) + ".lock", timeout=policy.lock_timeout_s):
+    with cache_lock(Path(str(dest) + ".lock"), policy.lock_timeout_s, dest.name):
         hit = cached_file(remote, dest)  # another process may have finished it while this one waited
         if hit is not None:
             log.info("%s: downloaded by another process meanwhile", dest.name)
@@ -109,6 +111,25 @@ def download(remote: RemoteFile, dest: str | Path, policy: DownloadPolicy = Down
         finally:
             if own_client:
                 client.close()
+
+
+@contextmanager
+def cache_lock(path: Path, timeout_s: float, what: str) -> Iterator[None]:
+    """Hold the cross-process lock ``path`` (a file lock; released if the process dies), saying so in the log
+    when another process holds it. ``FetchError`` after ``timeout_s`` seconds of waiting."""
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("%s: another process is fetching it; waiting for it to finish (lock %s)", what, path)
+        try:
+            lock.acquire(timeout=timeout_s)
+        except Timeout:
+            raise FetchError(f"{what}: still locked by another process after {timeout_s:g} s ({path})") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def cached_file(remote: RemoteFile, dest: Path) -> Downloaded | None:

@@ -34,12 +34,11 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 import torch
-from filelock import FileLock
 
 from model.checkpoint import read_metadata
 from model.config import ModelConfig
 from model.convert_official import InputFileError, convert_official, infer_architecture
-from model.download import Downloaded, DownloadPolicy, FetchError, download, remove_download
+from model.download import Downloaded, DownloadPolicy, FetchError, cache_lock, download, remove_download
 from model.vocabularies import VOCABULARIES
 from model.zoo import (
     DEFAULT_GEOMETRY,
@@ -122,7 +121,7 @@ def fetch_model(model: ZooModel, cache_dir: str | Path, out: str | Path | None =
         return FetchResult(out, model, _recorded_hashes(out), cached=True)
     lock = cache_dir / "locks" / (hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16] + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock), timeout=policy.lock_timeout_s):
+    with cache_lock(lock, policy.lock_timeout_s, model.name):
         if find_cached(model, out):  # another process converted it while this one waited
             log.info("%s: converted by another process meanwhile, %s", model.name, out)
             return FetchResult(out, model, _recorded_hashes(out), cached=True)

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,6 @@ def test_cache_hit_needs_no_write_access(tmp_path, mirror, release, monkeypatch)
     def no_lock(*args, **kwargs):
         raise AssertionError("a cache hit took a lock")
 
-    monkeypatch.setattr("model.fetch.FileLock", no_lock)
     monkeypatch.setattr("model.download.FileLock", no_lock)
     assert fetch_model(model, cache, policy=FAST).cached
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == before
@@ -325,32 +325,38 @@ def test_unreachable_host_times_out_with_bounded_retries(tmp_path):
 # -- concurrency -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # two fresh interpreters import torch
 def test_two_processes_fetching_at_once_download_once(tmp_path, mirror, release):
     manifest = write_manifest(tmp_path / "zoo.json", {"tiny-coco": publish_tiny_release(mirror, release)})
     gate = threading.Event()
-    mirror.behaviour[ZUTIS] = Behaviour(gate=gate)  # the first download waits until both processes run
+    mirror.behaviour[ZUTIS] = Behaviour(gate=gate)  # the first download waits until the second process waits too
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZUTIS_") and "proxy" not in k.lower()}
     env.update(ZUTIS_ZOO_MANIFEST=str(manifest), ZUTIS_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "model.fetch", "tiny-coco", "--progress", "log"]
-    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO_ROOT,
-                                  text=True) for _ in range(2)]
+    logs = [tmp_path / f"fetch-{i}.log" for i in range(2)]
+    processes = []
     try:
-        deadline = 60.0
-        import time
-
-        end = time.monotonic() + deadline
-        while not mirror.requests_for(ZUTIS) and time.monotonic() < end:
-            time.sleep(0.05)
-        time.sleep(1.0)  # the second process is up and waiting on the lock by now (or finds the file later)
+        for log in logs:
+            with open(log, "w") as err:
+                processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, env=env,
+                                                  cwd=REPO_ROOT, text=True))
+        end = time.monotonic() + 120
+        waiting = "tiny-coco: another process is fetching it; waiting"
+        while not any(waiting in log.read_text() for log in logs) and time.monotonic() < end:
+            assert all(p.poll() is None for p in processes), [log.read_text() for log in logs]
+            time.sleep(0.1)
         gate.set()
-        outputs = [p.communicate(timeout=120) for p in processes]
+        outputs = [p.communicate(timeout=120)[0] for p in processes]
     finally:
+        gate.set()
         for p in processes:
             if p.poll() is None:
                 p.kill()
-    for p, (out, err) in zip(processes, outputs):
-        assert p.returncode == 0, err
-    paths = {out.strip() for out, _ in outputs}
+    texts = [log.read_text() for log in logs]
+    assert [p.returncode for p in processes] == [0, 0], texts
+    assert sum(waiting in text for text in texts) == 1, texts  # one waited on the other's lock...
+    assert sum("converted by another process meanwhile" in text for text in texts) == 1, texts  # ...and found it
+    paths = {out.strip() for out in outputs}
     assert len(paths) == 1 and Path(paths.pop()).is_file()
     assert mirror.full_downloads(ZUTIS) == 1 and mirror.full_downloads(CLIP) == 1
     assert len(mirror.requests_for(ZUTIS)) == 1
