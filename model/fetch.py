@@ -120,15 +120,20 @@ def fetch_model(model: ZooModel, cache_dir: str | Path, out: str | Path | None =
         log.info("%s: found in the cache, %s", model.name, out)
         return FetchResult(out, model, _recorded_hashes(out), cached=True)
     lock = cache_dir / "locks" / (hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16] + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with cache_lock(lock, policy.lock_timeout_s, model.name):
-        if find_cached(model, out):  # another process converted it while this one waited
-            log.info("%s: converted by another process meanwhile, %s", model.name, out)
-            return FetchResult(out, model, _recorded_hashes(out), cached=True)
-        zutis = download(model.zutis, download_path(model.zutis.url, cache_dir), policy, client)
-        _check_zutis_file(model, zutis)
-        clip = download(model.clip, download_path(model.clip.url, cache_dir), policy, client)
-        _convert(model, zutis, clip, out, command)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with cache_lock(lock, policy.lock_timeout_s, model.name):
+            if find_cached(model, out):  # another process converted it while this one waited
+                log.info("%s: converted by another process meanwhile, %s", model.name, out)
+                return FetchResult(out, model, _recorded_hashes(out), cached=True)
+            zutis = download(model.zutis, download_path(model.zutis.url, cache_dir), policy, client)
+            _check_zutis_file(model, zutis)
+            clip = download(model.clip, download_path(model.clip.url, cache_dir), policy, client)
+            _convert(model, zutis, clip, out, command)
+    except OSError as exc:  # a cache that cannot be written, a full disk: one line, as for a download error
+        where = exc.filename or cache_dir
+        raise FetchError(f"{model.name}: cannot write {where}: {exc.strerror or exc} (the cache is ZUTIS_CACHE_DIR "
+                         f"or --cache-dir; it needs about 1.6 GB per model)") from None
     return FetchResult(out, model, {"zutis": zutis.sha256, "clip": clip.sha256}, cached=False)
 
 
@@ -276,9 +281,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         policy = DownloadPolicy(timeout_s=args.timeout, retries=args.retries, progress=args.progress)
         result = fetch_model(model, cache_dir, args.out, policy, command=command)
     except (FetchError, ManifestError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # a cache folder that cannot be written, a full disk
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(result.checkpoint)

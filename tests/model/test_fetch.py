@@ -322,6 +322,15 @@ def test_unreachable_host_times_out_with_bounded_retries(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_a_cache_that_cannot_be_written_is_one_error(tmp_path, mirror, release):
+    model = zoo_model(tmp_path, mirror, release)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache should be")
+    with pytest.raises(FetchError, match=f"^tiny-coco: cannot write {blocker}.*: .*the cache is ZUTIS_CACHE_DIR"):
+        fetch_model(model, blocker / "cache", policy=FAST)
+    assert mirror.requests == []
+
+
 # -- concurrency -----------------------------------------------------------------------------------------------
 
 
