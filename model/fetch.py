@@ -81,7 +81,7 @@ def checkpoint_path(model: ZooModel, cache_dir: Path) -> Path:
 def download_path(url: str, cache_dir: Path) -> Path:
     """Where the cache keeps the download of ``url``: ``downloads/<host>/<path>`` (readable; one copy per URL)."""
     parts = urlsplit(url)
-    segments = [s for s in unquote(parts.path).split("/") if s not in ("", ".", "..")]
+    segments = [s for s in unquote(parts.path).split("/") if s not in ("", ".", "..")] or ["download"]
     host = (parts.hostname or "host") + (f"_{parts.port}" if parts.port else "")
     if parts.query:  # a signed or versioned URL: keep two queries apart
         segments[-1] += "-" + hashlib.sha256(parts.query.encode()).hexdigest()[:12]
