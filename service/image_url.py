@@ -62,11 +62,15 @@ class UrlPolicy:
         return bool(self.hosts or self.networks)
 
     def allows_address(self, address: IPAddress) -> bool:
+        """Whether a resolved address may be connected to: a listed one, or a public unicast one (an IPv4-mapped
+        IPv6 address is judged as its IPv4 address)."""
+        candidates = [address]
         if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        if any(address in network for network in self.networks):
+            candidates.append(address.ipv4_mapped)
+        if any(a in network for a in candidates for network in self.networks if a.version == network.version):
             return True
-        return address.is_global and not address.is_multicast
+        plain = candidates[-1]
+        return plain.is_global and not plain.is_multicast
 
     def allows_host(self, host: str) -> bool:
         if host in self.hosts:
