@@ -8,9 +8,12 @@ traced at twice its resolution, where each boundary pixel's outer half is its ow
 index ``u`` maps to the pixel edge ``(u + 1) // 2`` (the left or top edge for an even ``u``, the right or bottom
 edge for an odd one): the traced outline is then the pixels' own outline, exact before simplification.
 
-One ring per connected part (8-connectivity, ``cv2.RETR_EXTERNAL``). A COCO polygon list cannot carry holes:
-a part with a hole comes back filled (ask for RLE, the default, when holes matter). Rings are simplified with
-Douglas-Peucker (``cv2.approxPolyDP``) to within ``tolerance`` pixels of the outline; 0 keeps every corner.
+One ring per connected part (8-connectivity). COCO's polygon format has no hole rings (pycocotools unites an
+instance's rings), so a part with holes is one ring that runs from its outline to each hole, round the hole the
+other way, and back along the same zero-width cut (a "keyhole"): pycocotools, and any even-odd or nonzero fill,
+rasterise the hole as a hole. A tool that needs simple polygons sees a ring that touches itself along the cut; a
+hole that simplifies to fewer than three points is filled. Rings are simplified with Douglas-Peucker
+(``cv2.approxPolyDP``) to within ``tolerance`` pixels of the traced outline; 0 keeps every corner.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0) -> Polygons:
 
     Returns:
         one ring per 8-connected part, each a flat ``[x1, y1, x2, y2, ...]`` list of at least three points in
-        image pixels (x right, y down, pixel edges at whole numbers), outer parts only (holes are filled);
-        ``[]`` for an empty mask. Every coordinate is a whole number (a pixel corner; simplification keeps a
-        subset of the traced corners).
+        image pixels (x right, y down, pixel edges at whole numbers); a part's holes are reached through
+        zero-width cuts of its ring (see the module docstring); ``[]`` for an empty mask. Every coordinate is a
+        whole number (a pixel corner; simplification keeps a subset of the traced corners).
     """
     import cv2  # deferred: only polygon answers need OpenCV
 
@@ -45,18 +48,49 @@ def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0) -> Polygons:
     if not mask.any():
         return []
     doubled = np.repeat(np.repeat(mask.astype(np.uint8), 2, axis=0), 2, axis=1)
-    contours, _ = cv2.findContours(doubled, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    # RETR_CCOMP: outer boundaries at the top level, each with its holes as children (a part inside a hole is
+    # a top-level boundary again, so it gets its own ring).
+    contours, hierarchy = cv2.findContours(doubled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    links = hierarchy.reshape(-1, 4)  # next, previous, first child, parent
     rings: Polygons = []
-    for contour in contours:
-        points = ((contour.reshape(-1, 2) + 1) // 2).astype(np.float32)  # sub-pixel index -> pixel edge
-        points = _drop_repeats(points)
-        if tolerance > 0 and len(points) > 3:
-            simplified = cv2.approxPolyDP(points.reshape(-1, 1, 2), float(tolerance), True).reshape(-1, 2)
-            if len(simplified) >= 3:  # a thin part may simplify to a line: keep its traced outline then
-                points = simplified
-        if len(points) >= 3:
-            rings.append([float(v) for v in points.ravel()])
+    for index, contour in enumerate(contours):
+        if links[index, 3] != -1:
+            continue  # a hole: joined to its part's ring below
+        ring = _ring_points(contour, tolerance)
+        if ring is None:
+            continue
+        child = links[index, 2]
+        while child != -1:
+            hole = _ring_points(contours[child], tolerance)
+            if hole is not None:  # a hole simplified away stays filled
+                ring = _join_hole(ring, hole)
+            child = links[child, 0]
+        rings.append([float(v) for v in ring.ravel()])
     return rings
+
+
+def _ring_points(contour: np.ndarray, tolerance: float) -> np.ndarray | None:
+    """A traced contour of the doubled mask as ``(N, 2)`` float32 pixel corners, simplified; None under 3."""
+    import cv2
+
+    points = ((contour.reshape(-1, 2) + 1) // 2).astype(np.float32)  # sub-pixel index -> pixel edge
+    points = _drop_repeats(points)
+    if tolerance > 0 and len(points) > 3:
+        simplified = cv2.approxPolyDP(points.reshape(-1, 1, 2), float(tolerance), True).reshape(-1, 2)
+        if len(simplified) >= 3:  # a thin part may simplify to a line: keep its traced outline then
+            points = simplified
+    return points if len(points) >= 3 else None
+
+
+def _join_hole(ring: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """``ring`` with ``hole`` spliced in through a zero-width cut between their closest vertices, the hole run the
+    other way round (so that even-odd and nonzero fills both leave it empty)."""
+    if _signed_area(ring) * _signed_area(hole) > 0:
+        hole = hole[::-1]
+    distances = ((ring[:, None, :] - hole[None, :, :]) ** 2).sum(axis=2)
+    i, j = np.unravel_index(int(distances.argmin()), distances.shape)
+    around = np.concatenate([hole[j:], hole[: j + 1]])  # from the cut round the hole and back to it
+    return np.concatenate([ring[: i + 1], around, ring[i:]])
 
 
 def _drop_repeats(points: np.ndarray) -> np.ndarray:
@@ -66,6 +100,11 @@ def _drop_repeats(points: np.ndarray) -> np.ndarray:
     keep = np.any(points != np.roll(points, 1, axis=0), axis=1)
     keep[0] = True
     return points[keep]
+
+
+def _signed_area(points: np.ndarray) -> float:
+    x, y = points[:, 0].astype(np.float64), points[:, 1].astype(np.float64)
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
 
 
 def polygons_to_mask(polygons: Sequence[Sequence[float]], hw: tuple[int, int]) -> np.ndarray:

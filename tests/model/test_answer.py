@@ -127,3 +127,25 @@ def test_segmentation_to_rle_reads_both_formats():
         AnswerFormat(mask_format="polygon", polygon_tolerance=0.0)).instances[0].segmentation
     from_polygons = mask_utils.decode(segmentation_to_rle(polygons, mask.shape)).astype(bool)
     assert (from_polygons != mask).sum() <= 2
+
+
+def test_polygons_carry_holes_through_a_keyhole_cut():
+    yy, xx = np.mgrid[:60, :90]
+    r2 = (yy - 30) ** 2 + (xx - 32) ** 2
+    ring = (r2 <= 24 ** 2) & (r2 > 12 ** 2)  # an annulus ...
+    island = r2 <= 4 ** 2  # ... with an island in its hole
+    square_with_two_holes = np.zeros((60, 90), dtype=bool)
+    square_with_two_holes[5:20, 65:88] = True
+    square_with_two_holes[8:12, 68:72] = False
+    square_with_two_holes[13:17, 75:80] = False
+    mask = ring | island | square_with_two_holes
+    from model.polygon import mask_to_polygons
+
+    rings = mask_to_polygons(mask, tolerance=0.0)
+    assert len(rings) == 3  # one ring per connected part: annulus (+ its hole), island, square (+ two holes)
+    back = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(rings, 60, 90))).astype(bool)
+    assert (back != mask).sum() == 0
+    simplified = mask_to_polygons(mask, tolerance=1.0)
+    back = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(simplified, 60, 90))).astype(bool)
+    assert (back & mask).sum() / (back | mask).sum() >= 0.95
+    assert not back[30, 32 + 8] and not back[10, 70] and back[30, 32]  # inside the holes
