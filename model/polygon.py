@@ -13,7 +13,9 @@ instance's rings), so a part with holes is one ring that runs from its outline t
 other way, and back along the same zero-width cut (a "keyhole"): pycocotools, and any even-odd or nonzero fill,
 rasterise the hole as a hole. A tool that needs simple polygons sees a ring that touches itself along the cut; a
 hole that simplifies to fewer than three points is filled. Rings are simplified with Douglas-Peucker
-(``cv2.approxPolyDP``) to within ``tolerance`` pixels of the traced outline; 0 keeps every corner.
+(``cv2.approxPolyDP``) to within ``tolerance`` pixels of the traced outline; 0 keeps every corner. A part that the
+tolerance would cost more than 5 % IoU (small or thin parts: a 1-pixel tolerance on a thin ring) is simplified
+less, so that every part keeps IoU >= ``MIN_PART_IOU`` with its own pixels.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 
 Polygons = list[list[float]]  # COCO: one flat [x1, y1, x2, y2, ...] list per ring, in pixels
+MIN_PART_IOU = 0.95  # the fidelity floor of a simplified part (IoU with its traced outline)
+MIN_TOLERANCE = 0.25  # below this a part that misses the floor is sent unsimplified
 
 
 def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0) -> Polygons:
@@ -53,20 +57,47 @@ def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0) -> Polygons:
     contours, hierarchy = cv2.findContours(doubled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     links = hierarchy.reshape(-1, 4)  # next, previous, first child, parent
     rings: Polygons = []
-    for index, contour in enumerate(contours):
+    for index in range(len(contours)):
         if links[index, 3] != -1:
-            continue  # a hole: joined to its part's ring below
-        ring = _ring_points(contour, tolerance)
-        if ring is None:
+            continue  # a hole: joined to its part's ring
+        exact = _part_ring(contours, links, index, 0.0)
+        if exact is None:
             continue
-        child = links[index, 2]
-        while child != -1:
-            hole = _ring_points(contours[child], tolerance)
-            if hole is not None:  # a hole simplified away stays filled
-                ring = _join_hole(ring, hole)
-            child = links[child, 0]
+        ring, step = (exact if tolerance == 0 else _part_ring(contours, links, index, tolerance)), tolerance
+        # The fidelity floor: where the tolerance would cost a (small or thin) part more than 1 - MIN_PART_IOU
+        # of its pixels, that part is simplified less (halving the tolerance; below MIN_TOLERANCE, not at all).
+        while ring is not exact and (ring is None or _ring_iou(ring, exact) < MIN_PART_IOU):
+            step /= 2
+            ring = exact if step < MIN_TOLERANCE else _part_ring(contours, links, index, step)
         rings.append([float(v) for v in ring.ravel()])
     return rings
+
+
+def _part_ring(contours: Sequence[np.ndarray], links: np.ndarray, index: int,
+               tolerance: float) -> np.ndarray | None:
+    """The ring of top-level contour ``index`` with its holes joined in, simplified; None if it vanishes."""
+    ring = _ring_points(contours[index], tolerance)
+    if ring is None:
+        return None
+    child = links[index, 2]
+    while child != -1:
+        hole = _ring_points(contours[child], tolerance)
+        if hole is not None:  # a hole simplified away stays filled
+            ring = _join_hole(ring, hole)
+        child = links[child, 0]
+    return ring
+
+
+def _ring_iou(ring: np.ndarray, exact: np.ndarray) -> float:
+    """IoU of two rings rasterised by pycocotools over the exact ring's box."""
+    from pycocotools import mask as mask_utils
+
+    origin = exact.min(axis=0)
+    h, w = (int(v) + 1 for v in (exact.max(axis=0) - origin)[::-1])
+    a, b = (mask_utils.decode(mask_utils.frPyObjects([(r - origin).ravel().tolist()], h, w))[:, :, 0].astype(bool)
+            for r in (ring, exact))
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
 
 
 def _ring_points(contour: np.ndarray, tolerance: float) -> np.ndarray | None:
