@@ -149,3 +149,11 @@ def test_polygons_carry_holes_through_a_keyhole_cut():
     back = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(simplified, 60, 90))).astype(bool)
     assert (back & mask).sum() / (back | mask).sum() >= 0.95
     assert not back[30, 32 + 8] and not back[10, 70] and back[30, 32]  # inside the holes
+
+
+def test_no_library_module_imports_the_service_any_more():
+    from tests.model.test_boundary import imported_modules, library_modules
+
+    importers = {p.relative_to(REPO / "model").as_posix() for p in library_modules()
+                 if any(m == "service" or m.startswith("service.") for m in imported_modules(p))}
+    assert importers == set()  # model.predict used to import service.schema; model.answer owns the answer now
