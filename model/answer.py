@@ -144,9 +144,22 @@ def _rles(instances: Sequence[InstancePrediction]) -> list[dict[str, Any]]:
     from model.rle import encode_masks
 
     masks = [inst.mask for inst in instances]
-    stacked = torch.stack(masks) if all(isinstance(m, torch.Tensor) for m in masks) else \
-        np.stack([_numpy_mask(m) for m in masks])
-    return encode_masks(stacked)
+    if all(isinstance(m, torch.Tensor) for m in masks):
+        return encode_masks(_stacked(masks))
+    return encode_masks(np.stack([_numpy_mask(m) for m in masks]))
+
+
+def _stacked(masks: list[Any]) -> Any:
+    """``(N, H, W)`` of ``N`` mask tensors: the tensor they are consecutive views of (the predictor's, no copy),
+    else a stacked copy."""
+    import torch
+
+    base = masks[0]._base
+    if base is not None and base.dim() == 3 and base.shape[0] == len(masks) and base.is_contiguous() and all(
+            m._base is base and m.storage_offset() == base.storage_offset() + k * m.numel()
+            for k, m in enumerate(masks)):
+        return base
+    return torch.stack(masks)
 
 
 def _numpy_mask(mask: Any) -> np.ndarray:

@@ -157,3 +157,12 @@ def test_no_library_module_imports_the_service_any_more():
     importers = {p.relative_to(REPO / "model").as_posix() for p in library_modules()
                  if any(m == "service" or m.startswith("service.") for m in imported_modules(p))}
     assert importers == set()  # model.predict used to import service.schema; model.answer owns the answer now
+
+
+def test_rle_encoding_reuses_the_predictors_mask_tensor():
+    from model.answer import _stacked
+
+    masks = torch.rand(4, 5, 6) > 0.5
+    views = list(masks)  # what model.postprocess keeps per instance
+    assert _stacked(views) is masks  # no copy on the hot path
+    assert torch.equal(_stacked(views[::-1]), masks.flip(0)) and torch.equal(_stacked(views[:3]), masks[:3])
