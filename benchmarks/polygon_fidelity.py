@@ -7,7 +7,7 @@ temporary folder) with their own seed; nothing is tuned on them, they are only m
 0.9 for every instance of at least 100 pixels, and a median >= 0.95.
 
     .venv/bin/python benchmarks/polygon_fidelity.py --checkpoint weights/zutis-shapes.safetensors --scenes 200 \\
-        --tolerances 0 0.5 1 2 --out reports/polygon_fidelity.json
+        --tolerances 0 0.5 1 2 --out docs/polygon-fidelity.json
 
 A script, not a test (tests/benchmarks/test_polygon_fidelity.py checks the bar on a few scenes).
 """
