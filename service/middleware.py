@@ -91,13 +91,13 @@ def upload_paths(openapi: dict[str, Any]) -> frozenset[str]:
                      if "multipart/form-data" in operations.get("post", {}).get("requestBody", {}).get("content", {}))
 
 
-FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "application/json")
 
 
 class RequireMultipart:
-    """Answer 400 at once, before reading the body, when a request to an upload route is not a form (a JSON body
-    would otherwise be parsed as an empty form and answered "image: field required"). A url-encoded form passes
-    (it is answered 422, naming the missing file). ``on_reject("malformed_request")`` counts it."""
+    """Answer 400 at once, before reading the body, when a request to an upload route is neither a form nor JSON
+    (it would otherwise be parsed as an empty form and answered "image: field required"). A url-encoded form
+    passes (it is answered 422, naming the missing file). ``on_reject("malformed_request")`` counts it."""
 
     def __init__(self, app: ASGIApp, paths: frozenset[str], on_reject: Callable[[str], None]) -> None:
         self.app = app
@@ -116,7 +116,8 @@ class RequireMultipart:
         self.on_reject("malformed_request")
         got = f"Content-Type {media_type!r}" if media_type else "no Content-Type"
         message = (f"POST {scope['path']} takes a multipart/form-data body (an 'image' file and 'concepts' fields, "
-                   f"as curl -F sends them); the request has {got}")
+                   f"as curl -F sends them) or an application/json body ({{\"image\": \"<base64>\", "
+                   f"\"concepts\": [...]}}); the request has {got}")
         await error_response("malformed_request", message, {"Connection": "close"})(scope, receive, send)
 
 

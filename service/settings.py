@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     # -- images -----------------------------------------------------------------------------------------------
     exif_orientation: bool = Field(True, description="turn photos upright by their EXIF orientation before "
                                                      "segmenting (answers in the frame a person sees)")
+    image_url_hosts: str = Field("", description="comma-separated host names (or addresses, or CIDR networks) "
+                                 "that a request's image_url may name; empty: image_url is off. Loopback, private "
+                                 "and link-local addresses are refused unless listed as addresses or networks")
+    image_url_timeout_s: float = Field(10.0, gt=0.0, le=300.0, description="longest fetch of an image_url, "
+                                       "redirects included, in seconds")
 
     # -- security ---------------------------------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="when set, /segment and /info need it as "
@@ -131,6 +136,10 @@ class Settings(BaseSettings):
             "request_timeout_s": self.request_timeout_s,
             "queue_size": self.queue_size,
         }
+
+    def image_url_host_list(self) -> list[str]:
+        """``image_url_hosts`` as a list (blanks dropped)."""
+        return [h.strip() for h in self.image_url_hosts.split(",") if h.strip()]
 
     def batching(self) -> dict[str, int | float]:
         """The batching knobs, as /info reports them."""

@@ -43,8 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     seg = commands.add_parser("segment", help="segment images or folders of images")
     seg.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
-    seg.add_argument("--concepts", nargs="+", required=True,
-                     help="concept names; several arguments and/or comma-separated")
+    seg.add_argument("--concepts", nargs="+",
+                     help="concept names; several arguments and/or comma-separated (or --vocabulary)")
+    seg.add_argument("--vocabulary", choices=["coco", "coca", "imagenet_s919", "checkpoint"],
+                     help="a named vocabulary of the service instead of --concepts")
+    seg.add_argument("--mask-format", choices=["rle", "polygon"], default="rle",
+                     help="instance masks as COCO RLE (default) or COCO polygons")
+    seg.add_argument("--polygon-tolerance", type=float, help="polygon simplification in pixels (service default 1)")
+    seg.add_argument("--json", dest="send", action="store_const", const="json", default="multipart",
+                     help="send JSON bodies (image in base64) instead of multipart forms")
     seg.add_argument("--out", type=Path, help="write the JSON here instead of standard output")
     seg.add_argument("--coco-results", action="store_true",
                      help="write one COCO results list (image_id, category_id, segmentation, bbox, score)")
@@ -142,9 +149,11 @@ async def segment_all(args: argparse.Namespace, images: list[Path], concepts: li
             async with gate:
                 try:
                     data = await asyncio.to_thread(path.read_bytes)
-                    result = await client.segment(data, concepts, score_threshold=args.score_threshold,
+                    result = await client.segment(data, concepts or None, vocabulary=args.vocabulary,
+                                                  score_threshold=args.score_threshold,
                                                   mask_threshold=args.mask_threshold, nms_iou=args.nms_iou,
-                                                  max_instances=args.max_instances)
+                                                  max_instances=args.max_instances, mask_format=args.mask_format,
+                                                  polygon_tolerance=args.polygon_tolerance, send=args.send)
                     records[index] = {"image": str(path), "answer": result.raw}
                     if args.overlay_dir:
                         picture = await asyncio.to_thread(result.overlay, data)
@@ -186,9 +195,16 @@ def run_segment(args: argparse.Namespace) -> int:
     if args.coco_gt is not None and not args.coco_results:
         print("zutis-client: error: --coco-gt only makes sense with --coco-results", file=sys.stderr)
         return 2
-    concepts = split_concepts(args.concepts)
-    if not concepts:
+    if (args.concepts is None) == (args.vocabulary is None):
+        print("zutis-client: error: give --concepts or --vocabulary (one of them)", file=sys.stderr)
+        return 2
+    concepts = split_concepts(args.concepts or [])
+    if args.concepts is not None and not concepts:
         print("zutis-client: error: --concepts has no concept names", file=sys.stderr)
+        return 2
+    if args.vocabulary is not None and args.coco_results and args.coco_gt is None:
+        print("zutis-client: error: --coco-results with --vocabulary needs --coco-gt (category ids by name)",
+              file=sys.stderr)
         return 2
     try:
         images = find_images(args.inputs)
@@ -206,6 +222,8 @@ def run_segment(args: argparse.Namespace) -> int:
         output, failed = coco_results(records, ids)
     else:
         output = {"url": args.url, "concepts": concepts, "results": records}
+        if args.vocabulary is not None:
+            output["vocabulary"] = args.vocabulary
     text = json.dumps(output)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

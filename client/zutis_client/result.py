@@ -5,14 +5,18 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image
 
+from zutis_client.polygon import decode_polygons
 from zutis_client.rle import decode_rle
+
+Segmentation = Union[Mapping[str, Any], Sequence[Sequence[float]]]  # COCO RLE, or COCO polygons
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,10 @@ class Instance:
         score: confidence in [0, 1].
         bbox: ``[x, y, width, height]`` in pixels (COCO).
         area: mask area in pixels.
-        segmentation: the COCO compressed RLE, ``{"size": [h, w], "counts": str}``.
+        segmentation: the COCO compressed RLE, ``{"size": [h, w], "counts": str}`` (``mask_format="rle"``, the
+            default), or COCO polygons ``[[x1, y1, x2, y2, ...], ...]`` (``mask_format="polygon"``: one ring per
+            connected part, holes filled).
+        image_hw: ``(height, width)`` of the image, which polygons need to become a mask.
     """
 
     concept: str
@@ -33,18 +40,30 @@ class Instance:
     score: float
     bbox: tuple[float, float, float, float]
     area: int
-    segmentation: Mapping[str, Any]
+    segmentation: Segmentation
+    image_hw: tuple[int, int] | None = None
+
+    @property
+    def mask_format(self) -> str:
+        """``rle`` or ``polygon``: how ``segmentation`` encodes the mask."""
+        return "rle" if isinstance(self.segmentation, Mapping) else "polygon"
 
     @cached_property
     def mask(self) -> np.ndarray:
-        """The mask, bool ``(H, W)``, decoded from the RLE on first use."""
-        return decode_rle(self.segmentation)
+        """The mask, bool ``(H, W)``, decoded from the RLE or the polygons on first use."""
+        if isinstance(self.segmentation, Mapping):
+            return decode_rle(self.segmentation)
+        if self.image_hw is None:
+            raise ValueError("polygons need the image size: build the instance with image_hw")
+        return decode_polygons(self.segmentation, self.image_hw)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Instance:
+    def from_json(cls, data: Mapping[str, Any], image_hw: tuple[int, int] | None = None) -> Instance:
+        segmentation = data["segmentation"]
         return cls(concept=data["concept"], concept_index=int(data["concept_index"]), score=float(data["score"]),
                    bbox=tuple(float(v) for v in data["bbox"]), area=int(data["area"]),  # type: ignore[arg-type]
-                   segmentation=dict(data["segmentation"]))
+                   segmentation=dict(segmentation) if isinstance(segmentation, Mapping)
+                   else [list(ring) for ring in segmentation], image_hw=image_hw)
 
 
 @dataclass(frozen=True)
@@ -69,8 +88,9 @@ class SegmentResult:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SegmentResult:
-        return cls(model=data["model"], width=int(data["image"]["width"]), height=int(data["image"]["height"]),
-                   concepts=list(data["concepts"]), instances=[Instance.from_json(i) for i in data["instances"]],
+        hw = (int(data["image"]["height"]), int(data["image"]["width"]))
+        return cls(model=data["model"], width=hw[1], height=hw[0], concepts=list(data["concepts"]),
+                   instances=[Instance.from_json(i, hw) for i in data["instances"]],
                    timings=dict(data.get("timings") or {}), raw=data)
 
     def masks(self) -> np.ndarray:
@@ -114,5 +134,7 @@ class SegmentResult:
         Raises:
             KeyError: an instance's concept has no category id.
         """
-        return [{"image_id": image_id, "category_id": category_ids[i.concept], "segmentation": dict(i.segmentation),
+        return [{"image_id": image_id, "category_id": category_ids[i.concept],
+                 "segmentation": dict(i.segmentation) if isinstance(i.segmentation, Mapping)
+                 else [list(ring) for ring in i.segmentation],
                  "bbox": list(i.bbox), "score": i.score} for i in self.instances]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,11 @@ def to_upload(image: ImageInput) -> tuple[str, bytes, str]:
         return Path(getattr(image, "name", "image")).name, data, "application/octet-stream"
     raise TypeError(f"cannot send a {type(image).__name__} as an image: give a path, bytes, a binary file, a PIL "
                     "image or a uint8 numpy array")
+
+
+def to_base64(image: ImageInput) -> str:
+    """The image for a JSON body's ``image`` field: the bytes ``to_upload`` would send, base64-encoded."""
+    return base64.b64encode(to_upload(image)[1]).decode("ascii")
 
 
 def open_image(image: ImageInput) -> Image.Image:

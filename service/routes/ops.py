@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import APIRouter
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from model.answer import MaskFormat
 from model.backbone import describe
 from service.admission import EngineState
 from service.auth import ApiKey
 from service.dependencies import EngineDep, MetricsDep, SettingsDep
 from service.errors import ErrorBody, ServiceError, error_response
 from service.metrics import CONTENT_TYPE
+from service.request import VOCABULARY_NAMES
 from service.version import VERSION
 
 router = APIRouter()
@@ -65,6 +67,11 @@ class Info(BaseModel):
     auth: bool = Field(description="whether /segment and /info need an API key")
     zoo: ZooInfo | None = Field(None, description="the zoo model the checkpoint was fetched as (ZUTIS_CHECKPOINT="
                                                   "zoo:NAME or python -m model.fetch); null for other checkpoints")
+    vocabularies: list[str] = Field(description="names a request may send as `vocabulary` instead of `concepts`")
+    mask_formats: list[str] = Field(description="values of `mask_format`: instance masks as COCO RLE or polygons")
+    request_bodies: dict[str, Any] = Field(description="the content types POST /segment takes, and how the body "
+                                                       "limit applies to them")
+    image_url: dict[str, Any] = Field(description="whether `image_url` is on, and for which hosts")
 
 
 @router.get("/healthz", response_model=Status, responses={500: {"model": ErrorBody}}, summary="Liveness")
@@ -102,7 +109,16 @@ async def info(engine: EngineDep, settings: SettingsDep, _: ApiKey) -> Info:
                 vocabulary=list(meta.vocabulary),
                 prompt_templates=meta.prompt_templates, inference_defaults=predictor.default_params.to_dict(),
                 limits=settings.limits(), batching=settings.batching(), auth=settings.api_key is not None,
-                zoo=zoo_info(meta.provenance))
+                zoo=zoo_info(meta.provenance),
+                vocabularies=list(VOCABULARY_NAMES), mask_formats=list(get_args(MaskFormat)),
+                request_bodies={
+                    "content_types": ["multipart/form-data", "application/json"],
+                    "max_body_bytes": settings.max_body_bytes,
+                    "body_limit_applies_to": "the encoded body as sent: a JSON body's base64 image is about 4/3 "
+                                             "of the image file",
+                },
+                image_url={"enabled": bool(settings.image_url_host_list()), "hosts": settings.image_url_host_list(),
+                           "timeout_s": settings.image_url_timeout_s})
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics",
