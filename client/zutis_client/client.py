@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import httpx
 
-from zutis_client.errors import ZutisError
+from zutis_client.errors import ZutisError, ZutisUsageError
 from zutis_client.result import SegmentResult
 from zutis_client.retry import RetryPolicy, check_answer, transport_error
 from zutis_client.upload import ImageInput, to_upload
@@ -25,7 +25,7 @@ def segment_form(concepts: str | Sequence[str], score_threshold: float | None, m
     name may itself hold commas, which the service splits on)."""
     names = [concepts] if isinstance(concepts, str) else [str(c) for c in concepts]
     if not any(name.strip(" ,") for name in names):
-        raise ValueError("no concepts given: pass at least one concept name")
+        raise ZutisUsageError("invalid_argument", "no concepts given: pass at least one concept name")
     fields: dict[str, Any] = {"concepts": names, "semantic": semantic}
     for name, value in (("score_threshold", score_threshold), ("mask_threshold", mask_threshold),
                         ("nms_iou", nms_iou), ("max_instances", max_instances)):

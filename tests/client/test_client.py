@@ -122,6 +122,13 @@ def test_errors_carry_the_service_type_and_message(live_url):
             client.segment(b"this is not an image", CONCEPTS)
         with pytest.raises(ValueError, match="no concepts"):
             client.segment(EXAMPLES[0], [" ", ","])
+        for concepts in ([], [" ", ","]):  # every failure of the library is a ZutisError (a ValueError too)
+            with pytest.raises(ZutisError) as no_concepts:
+                client.segment(EXAMPLES[0], concepts)
+            assert no_concepts.value.type == "invalid_argument" and no_concepts.value.status is None
+        with pytest.raises(ZutisError) as missing:
+            client.segment(Path("/nonexistent/photo.jpg"), CONCEPTS)
+        assert missing.value.type == "unreadable_image"
     assert (bad_value.value.status, bad_value.value.type) == (422, "invalid_request")
     assert "score_threshold" in bad_value.value.message
     assert not_an_image.value.status in (400, 415)
