@@ -4,6 +4,9 @@ The page and its assets ship inside the package (``service/static``, package dat
 host: nothing is loaded from a CDN. It needs no API key to load; the key, when the service has one, is typed into
 the page and sent by the browser as the ``X-API-Key`` header of each ``/segment`` request. The server never sees
 it outside that request and never stores it.
+
+The page's threshold sliders start at the checkpoint's own defaults, which it reads from ``/demo/defaults.json``
+(public like the page: two numbers of the model's post-processing, nothing else) once the service is ready.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+
+from service.dependencies import EngineDep, SettingsDep
+from service.errors import ServiceError
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 ASSET_PREFIX = "/demo"
@@ -24,7 +30,19 @@ async def demo_page() -> FileResponse:
                         headers={"Cache-Control": "no-cache"})
 
 
+async def demo_defaults(engine: EngineDep, settings: SettingsDep) -> dict[str, float]:
+    """The checkpoint's default score and mask thresholds, where the page's sliders start."""
+    predictor = engine.predictor
+    if predictor is None:
+        raise ServiceError("not_ready", f"the model is not loaded yet ({engine.state.value})",
+                           {"Retry-After": str(settings.retry_after_s)})
+    params = predictor.default_params
+    return {"score_threshold": float(params.score_threshold), "mask_threshold": float(params.mask_threshold)}
+
+
 def install_demo(app: FastAPI) -> None:
-    """Serve the page at ``GET /`` and its assets at ``/demo/<file>`` (kept out of the OpenAPI schema)."""
+    """Serve the page at ``GET /``, the sliders' starting values at ``/demo/defaults.json`` and the assets at
+    ``/demo/<file>`` (all kept out of the OpenAPI schema)."""
     app.add_api_route("/", demo_page, methods=["GET"], include_in_schema=False, response_class=FileResponse)
+    app.add_api_route(f"{ASSET_PREFIX}/defaults.json", demo_defaults, methods=["GET"], include_in_schema=False)
     app.mount(ASSET_PREFIX, StaticFiles(directory=STATIC_DIR), name="demo")

@@ -234,3 +234,13 @@ def test_retry_policy_reads_retry_after_in_both_forms_and_caps_the_wait():
     assert policy.delay_s(httpx.Response(500), 0) is None and policy.delay_s(httpx.Response(429), 0) is None
     with pytest.raises(ValueError):
         RetryPolicy(retries=-1)
+
+
+def test_info_separates_trained_from_evaluated_only_concepts(live_url):
+    with Client(live_url) as client:
+        info = client.info()
+    assert len(info["vocabulary"]) == 65 and info["vocabulary"][0] == "background"
+    assert len(info["trained_concepts"]) == 48 and len(info["evaluated_only_concepts"]) == 16
+    assert set(info["trained_concepts"]) | set(info["evaluated_only_concepts"]) == set(info["vocabulary"][1:])
+    assert not set(info["trained_concepts"]) & set(info["evaluated_only_concepts"])
+    assert "green heart" in info["evaluated_only_concepts"]  # the README's example of a concept never trained on

@@ -45,3 +45,13 @@ def test_openapi_description_links_the_demo_page(make_client):
     description = make_client().get("/openapi.json").json()["info"]["description"]
     assert "[the demo page](/)" in description
     assert "/" not in make_client().get("/openapi.json").json()["paths"]
+
+
+def test_demo_defaults_are_the_checkpoints_and_public(make_client):
+    client = make_client(api_key=KEY)
+    defaults = client.get("/demo/defaults.json")
+    assert defaults.status_code == 200, defaults.text
+    info = client.get("/info", headers={"X-API-Key": KEY}).json()["inference_defaults"]
+    assert defaults.json() == {"score_threshold": info["score_threshold"], "mask_threshold": info["mask_threshold"]}
+    page = client.get("/").text
+    assert 'value="0.3"' not in page, "the sliders start at the model's defaults, set by the script"
