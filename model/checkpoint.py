@@ -87,10 +87,9 @@ class CheckpointMetadata:
                 trained, source = stored, "provenance.config.vocabulary"
         if trained is None:
             return None
-        seen = set(trained)
+        seen = {*trained, "background"}
         return ConceptSplit(trained=[name for name in trained if name != "background"],
-                            evaluated_only=[name for name in self.vocabulary if name != "background" and name not in seen],
-                            source=source)
+                            evaluated_only=[name for name in self.vocabulary if name not in seen], source=source)
 
     def to_strings(self) -> dict[str, str]:
         strings = {

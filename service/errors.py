@@ -6,11 +6,12 @@ from an unexpected exception (500, details only in the log).
 
 Status policy: 400 a request that cannot be parsed or an image that cannot be decoded; 401 a missing or wrong
 API key; 404/405 routing; 408 a request head or body that did not arrive in time (answered by service.protocol,
-before the app, in the same shape, then the connection is closed); 413 a body or an image over the limits; 415 an upload that is not an image in a
-supported format; 422 a missing field or a bad parameter value (FastAPI's convention, used for all of them); 431
-a request line plus headers over the limit (answered by service.protocol, before the app, in the same shape);
-499 the client went away (logged and counted, nobody reads it); 503 not ready, draining or overloaded (queue or
-open connections, the latter answered by service.protocol), with ``Retry-After``; 504 the request's deadline passed.
+before the app, in the same shape, then the connection is closed); 413 a body or an image over the limits; 415
+an upload that is not an image in a supported format; 422 a missing field or a bad parameter value (FastAPI's
+convention, used for all of them); 431 a request line plus headers over the limit (answered by service.protocol,
+before the app, in the same shape); 499 the client went away (logged and counted, nobody reads it); 503 not
+ready, draining or overloaded (the queue, or open connections: the latter answered by service.protocol), with
+``Retry-After``; 504 the request's deadline passed.
 """
 
 from __future__ import annotations

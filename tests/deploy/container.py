@@ -82,5 +82,6 @@ def build_image(tag: str = IMAGE, timeout: float = 1800, extra: tuple[str, ...] 
         capture_output=True, text=True, timeout=timeout, env=env,
     )
     if result.returncode != 0:
-        raise RuntimeError(f"podman build failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise RuntimeError(f"podman build failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                           f"{result.stderr[-4000:]}")
     return tag

@@ -85,5 +85,6 @@ def test_shipped_checkpoint_trained_on_48_of_its_64_concepts():
     assert len(metadata.vocabulary) == 65 and len(split.trained) == 48 and len(split.evaluated_only) == 16
     # The same split the checkpoint's own evaluation reported as seen / unseen.
     subsets = metadata.provenance["config"]["eval"]["subsets"]
-    assert sorted(split.trained) == sorted(subsets["seen"]) and sorted(split.evaluated_only) == sorted(subsets["unseen"])
+    assert sorted(split.trained) == sorted(subsets["seen"])
+    assert sorted(split.evaluated_only) == sorted(subsets["unseen"])
     assert "green heart" in split.evaluated_only
