@@ -54,4 +54,8 @@ def test_demo_defaults_are_the_checkpoints_and_public(make_client):
     info = client.get("/info", headers={"X-API-Key": KEY}).json()["inference_defaults"]
     assert defaults.json() == {"score_threshold": info["score_threshold"], "mask_threshold": info["mask_threshold"]}
     page = client.get("/").text
-    assert 'value="0.3"' not in page, "the sliders start at the model's defaults, set by the script"
+    for slider, field in (("score-threshold", "score_threshold"), ("mask-threshold", "mask_threshold")):
+        tag = re.search(rf'<input id="{slider}"[^>]*>', page).group(0)
+        assert "disabled" not in tag and float(re.search(r'value="([^"]+)"', tag).group(1)) == info[field], tag
+        label = re.search(rf'<output id="{slider}-value"[^>]*>([^<]*)</output>', page).group(1)
+        assert label == f"model default ({info[field]:.2f})"
