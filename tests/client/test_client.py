@@ -57,6 +57,8 @@ def test_rle_decoder_matches_pycocotools():
         assert np.array_equal(decoded, mask)
     with pytest.raises(ValueError, match="add up"):
         decode_rle({"size": [4, 4], "counts": "3"})
+    with pytest.raises(ZutisError, match="add up"):  # a ZutisError too
+        decode_rle({"size": [4, 4], "counts": "3"})
 
 
 def test_segment_gives_the_service_answer_with_masks_and_semantic_map(live_url):
@@ -234,6 +236,8 @@ def test_retry_policy_reads_retry_after_in_both_forms_and_caps_the_wait():
     assert policy.delay_s(httpx.Response(500), 0) is None and policy.delay_s(httpx.Response(429), 0) is None
     with pytest.raises(ValueError):
         RetryPolicy(retries=-1)
+    with pytest.raises(ZutisError, match="must be >= 0"):  # every failure of the library is a ZutisError
+        RetryPolicy(backoff_s=-1.0)
 
 
 def test_info_separates_trained_from_evaluated_only_concepts(live_url):
