@@ -92,6 +92,9 @@ def describe_validation_error(exc: RequestValidationError) -> str:
 
 # Set in the request scope by the body-size middleware: the app's own error about the cut body is not counted.
 BODY_LIMIT_SCOPE_KEY = "zutis.body_limit_exceeded"
+# Set in the request scope by service.protocol when it answered the request itself (408 while the app waited for
+# the body): the status the client got, which the request metrics count instead of the app's unsent answer.
+PROTOCOL_STATUS_SCOPE_KEY = "zutis.protocol_status"
 
 
 def _count_rejection(request: Request, type: str) -> None:

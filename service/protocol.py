@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.errors import BODY_LIMIT_SCOPE_KEY, ERROR_STATUS
+from service.errors import BODY_LIMIT_SCOPE_KEY, ERROR_STATUS, PROTOCOL_STATUS_SCOPE_KEY
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -211,6 +211,8 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._in_body and cycle is not None:
             cycle.scope[BODY_LIMIT_SCOPE_KEY] = True  # the app's own error about the cut body is not counted
             answered = cycle.response_started
+            if not answered:
+                cycle.scope[PROTOCOL_STATUS_SCOPE_KEY] = ERROR_STATUS["request_timeout"]
             cycle.disconnected = True  # the app's task sees the client as gone and writes nothing more
             cycle.message_event.set()
             if answered:

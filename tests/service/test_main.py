@@ -168,6 +168,8 @@ def test_stalled_uploads_get_408_and_are_closed_while_the_service_answers(servic
         assert re.search(r'^zutis_requests_rejected_total\{reason="request_timeout"\} 20\.0$', metrics, re.M), metrics
         # The app's task that waited for the body is not counted twice, nor logged as an error.
         assert re.search(r'^zutis_requests_rejected_total\{reason="malformed_request"\} 0\.0$', metrics, re.M)
+        assert re.search(r'^zutis_requests_total\{code="408",route="/segment"\} 20\.0$', metrics, re.M), metrics
+        assert not re.search(r'^zutis_requests_total\{code="400"', metrics, re.M)
         assert "Traceback" not in service.log.read_text()
 
 
