@@ -12,7 +12,7 @@ from typing import Any, Callable
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BODY_LIMIT_SCOPE_KEY, error_response
+from service.errors import BODY_LIMIT_SCOPE_KEY, PROTOCOL_STATUS_SCOPE_KEY, error_response
 from service.metrics import Metrics
 
 
@@ -148,6 +148,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, recording_send)
         finally:
+            status = scope.get(PROTOCOL_STATUS_SCOPE_KEY, status)  # answered by the HTTP layer instead (408)
             route = getattr(scope.get("route"), "path", None)
             if route is None:  # refused before routing (413 on Content-Length) or no such route
                 route = scope["path"] if scope["path"] in self.timed_routes else "unmatched"

@@ -77,6 +77,15 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0.0, description="deadline of a request from its arrival; past it "
                                                                "the answer is 504")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of 503 answers, in seconds")
+    head_timeout_s: float = Field(10.0, gt=0.0, description="longest wait for a request's line and headers, from "
+                                  "the connection's opening or the request's first byte; then 408 and close")
+    body_idle_timeout_s: float = Field(10.0, gt=0.0, description="longest pause inside a request body (no byte "
+                                       "arriving); then 408 and close")
+    body_timeout_s: float = Field(60.0, gt=0.0, description="longest time to receive a whole request body, from "
+                                  "the end of its headers; then 408 and close")
+    max_connections: int | None = Field(None, ge=1, description="most open client connections; one more is "
+                                        "answered 503 and closed; default: sized from the open-file limit "
+                                        "(RLIMIT_NOFILE soft limit less a reserve for the process's own files)")
 
     # -- images -----------------------------------------------------------------------------------------------
     exif_orientation: bool = Field(True, description="turn photos upright by their EXIF orientation before "
@@ -135,6 +144,10 @@ class Settings(BaseSettings):
             "max_header_bytes": self.max_header_bytes,
             "request_timeout_s": self.request_timeout_s,
             "queue_size": self.queue_size,
+            "head_timeout_s": self.head_timeout_s,
+            "body_idle_timeout_s": self.body_idle_timeout_s,
+            "body_timeout_s": self.body_timeout_s,
+            "max_connections": self.connection_limit(),
         }
 
     def image_url_host_list(self) -> list[str]:
@@ -152,6 +165,13 @@ class Settings(BaseSettings):
             "text_cache_size": self.text_cache_size,
         }
 
+    def connection_limit(self) -> int:
+        """Open client connections allowed: the setting, else the open-file soft limit less a reserve (an eighth,
+        at least 64) for what the process itself opens (checkpoint, libraries, pipes, threads' files)."""
+        if self.max_connections is not None:
+            return self.max_connections
+        return default_connection_limit()
+
     def workers(self) -> int:
         """Post-processing threads: the setting, else the CPU cores this process may run on."""
         if self.postprocess_workers is not None:
@@ -160,6 +180,19 @@ class Settings(BaseSettings):
             return max(1, len(os.sched_getaffinity(0)))
         except AttributeError:  # no sched_getaffinity (macOS)
             return max(1, os.cpu_count() or 1)
+
+
+def default_connection_limit() -> int:
+    """The open-file soft limit (RLIMIT_NOFILE) less an eighth of it (at least 64) kept for the process's own
+    files; 1,000,000 when the limit is infinite or unknown (Windows)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return 1_000_000
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return 1_000_000
+    return max(1, soft - max(64, soft // 8))
 
 
 def describe_settings_error(error: ValidationError) -> str:

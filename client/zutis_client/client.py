@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import httpx
 
-from zutis_client.errors import ZutisError
+from zutis_client.errors import ZutisError, ZutisUsageError
 from zutis_client.result import SegmentResult
 from zutis_client.retry import RetryPolicy, check_answer, transport_error
 from zutis_client.upload import ImageInput, to_base64, to_upload
@@ -29,12 +29,12 @@ def segment_fields(concepts: str | Sequence[str] | None = None, vocabulary: Voca
     or a list of names (each name may itself hold commas, which the service splits on); or ``vocabulary``, a
     named vocabulary instead (coco, coca, imagenet_s919, checkpoint)."""
     if (concepts is None) == (vocabulary is None):
-        raise ValueError("pass concepts or a vocabulary name (one of them)")
+        raise ZutisUsageError("invalid_argument", "pass concepts or a vocabulary name (one of them)")
     fields: dict[str, Any] = {}
     if concepts is not None:
         names = [concepts] if isinstance(concepts, str) else [str(c) for c in concepts]
         if not any(name.strip(" ,") for name in names):
-            raise ValueError("no concepts given: pass at least one concept name")
+            raise ZutisUsageError("invalid_argument", "no concepts given: pass at least one concept name")
         fields["concepts"] = names
     else:
         fields["vocabulary"] = vocabulary

@@ -121,10 +121,9 @@ class SegmentResult:
         """The image with every instance's mask blended in its own colour, outlined by its box and labelled
         with concept and score. ``image``: a path, bytes, a PIL image or an ``(H, W, 3)`` uint8 array of the
         image that was sent."""
-        from zutis_client.overlay import draw_overlay
-        from zutis_client.upload import open_image
+        from zutis_client.overlay import overlay_image
 
-        return draw_overlay(open_image(image), self, alpha=alpha, labels=labels)
+        return overlay_image(image, self, alpha=alpha, labels=labels)
 
     def to_coco(self, image_id: int, category_ids: Mapping[str, int]) -> list[dict[str, Any]]:
         """The instances as COCO results records (``image_id``, ``category_id``, ``segmentation``, ``bbox``,

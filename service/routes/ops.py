@@ -59,7 +59,12 @@ class Info(BaseModel):
                                       "own size, the official protocol)")
     dtype: str
     device: str
-    vocabulary: list[str] = Field(description="training vocabulary, background first")
+    vocabulary: list[str] = Field(description="the checkpoint's default concepts, background first: those it was "
+                                              "trained on and those it was only evaluated on")
+    trained_concepts: list[str] | None = Field(description="the concepts the model was trained on (null when the "
+                                                           "checkpoint does not record it)")
+    evaluated_only_concepts: list[str] | None = Field(
+        description="default concepts held out of training: never trained on, only evaluated (zero-shot)")
     prompt_templates: list[str] | None
     inference_defaults: dict[str, Any]
     limits: dict[str, Any]
@@ -102,11 +107,13 @@ async def info(engine: EngineDep, settings: SettingsDep, _: ApiKey) -> Info:
         raise ServiceError("not_ready", f"the model is not loaded yet ({engine.state.value})",
                            {"Retry-After": str(settings.retry_after_s)})
     meta = predictor.metadata
+    split = meta.concept_split()
     return Info(version=VERSION, state=engine.state.value, model_id=predictor.model_id, checksum=predictor.sha256,
                 checkpoint=predictor.checkpoint_path.name, backbone=describe(meta.model_config),
                 input_size=predictor.input_size, geometry=predictor.geometry,
                 dtype=str(predictor.dtype).removeprefix("torch."), device=str(predictor.device),
-                vocabulary=list(meta.vocabulary),
+                vocabulary=list(meta.vocabulary), trained_concepts=split.trained if split else None,
+                evaluated_only_concepts=split.evaluated_only if split else None,
                 prompt_templates=meta.prompt_templates, inference_defaults=predictor.default_params.to_dict(),
                 limits=settings.limits(), batching=settings.batching(), auth=settings.api_key is not None,
                 zoo=zoo_info(meta.provenance),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.support import REPO_ROOT, HISTOGRAMS, find_compose_v2, find_executable, series_names
+from tests.deploy.support import REPO_ROOT, HISTOGRAMS, find_compose_v2, require_executable, series_names
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 REPLICAS = REPO_ROOT / "deploy" / "docker-compose.replicas.yml"
@@ -196,9 +196,7 @@ def test_nginx_retries_503_for_posts_but_not_deadline_504():
 
 
 def test_nginx_config_is_accepted_by_nginx(tmp_path):
-    nginx = find_executable("nginx")
-    if nginx is None:
-        pytest.skip("nginx not installed (apt-get install nginx-light)")
+    nginx = require_executable("nginx", "apt-get install nginx-light", required_in_ci=True)
     # Compose's host names do not resolve here: point the servers at loopback. `resolve` (nginx >= 1.27.3, the
     # image's version) is dropped for an older local nginx, which does not know it.
     config = re.sub(r"server\s+zutis-\d+:\d+", "server 127.0.0.1:9", NGINX.read_text(encoding="utf-8"))
@@ -232,9 +230,7 @@ def test_prometheus_scrapes_every_zutis_container_on_metrics():
 
 
 def test_prometheus_config_is_accepted_by_promtool():
-    promtool = find_executable("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (apt-get install prometheus)")
+    promtool = require_executable("promtool", "apt-get install prometheus", required_in_ci=True)
     result = subprocess.run([promtool, "check", "config", str(PROMETHEUS)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -278,9 +274,7 @@ def test_dashboard_has_the_operational_panels():
 
 
 def test_dashboard_queries_parse_as_promql(tmp_path):
-    promtool = find_executable("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (apt-get install prometheus)")
+    promtool = require_executable("promtool", "apt-get install prometheus", required_in_ci=True)
     # promtool parses recording rules' expressions: one rule per dashboard query, Grafana's variables substituted.
     rules = [
         {"record": f"dashboard:query_{index}", "expr": query.replace("$__rate_interval", "1m")}
