@@ -48,7 +48,7 @@ def segment_request(image: ImageInput, fields: dict[str, Any], send: Send) -> di
     if send == "json":
         return {"json": {"image": to_base64(image), **fields}}
     if send != "multipart":
-        raise ValueError(f"send must be 'multipart' or 'json', got {send!r}")
+        raise ZutisUsageError("invalid_argument", f"send must be 'multipart' or 'json', got {send!r}")
     form = {name: value if name == "concepts" else str(value) for name, value in fields.items()}
     return {"data": form, "files": {"image": to_upload(image)}}
 

@@ -9,7 +9,8 @@ class ZutisError(Exception):
     Attributes:
         type: the service's machine code (``invalid_request``, ``unauthorized``, ``queue_full``, ...) or, for
             failures before an answer, ``timeout``, ``connection_error`` or ``http_error`` (an answer that is not
-            the service's JSON error body), or for failures found by the client itself (``ZutisUsageError``)
+            the service's JSON error body) or ``invalid_answer`` (a 200 answer that is not a segmentation answer:
+            a field missing or malformed), or for failures found by the client itself (``ZutisUsageError``)
             ``invalid_argument``, ``unreadable_image`` or ``image_mismatch``.
         message: the service's sentence (or the transport's).
         status: the HTTP status, None when no answer came.

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from zutis_client.errors import ZutisError
+
 _SCALE = 5.0
 
 
@@ -19,14 +21,15 @@ def decode_polygons(polygons: Sequence[Sequence[float]], hw: tuple[int, int]) ->
     """``[[x1, y1, x2, y2, ...], ...]`` (pixels; pixel edges at whole numbers) -> a bool mask of shape ``(h, w)``.
 
     Raises:
-        ValueError: a ring with fewer than three points or an odd number of coordinates.
+        ZutisError: ``invalid_answer``, a ring with fewer than three points or an odd number of coordinates.
     """
     h, w = int(hw[0]), int(hw[1])
     mask = np.zeros((h, w), dtype=bool)
     for ring in polygons:
         points = np.asarray(ring, dtype=np.float64)
         if points.ndim != 1 or points.size < 6 or points.size % 2:
-            raise ValueError(f"a polygon ring needs an even number (>= 6) of coordinates, got {points.size}")
+            raise ZutisError("invalid_answer", f"a polygon ring needs an even number (>= 6) of coordinates, "
+                                               f"got {points.size}")
         mask |= _ring_mask(points, h, w)
     return mask
 

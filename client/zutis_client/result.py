@@ -13,6 +13,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
+from zutis_client.errors import ZutisError, ZutisUsageError
 from zutis_client.polygon import decode_polygons
 from zutis_client.rle import decode_rle
 
@@ -54,7 +55,7 @@ class Instance:
         if isinstance(self.segmentation, Mapping):
             return decode_rle(self.segmentation)
         if self.image_hw is None:
-            raise ValueError("polygons need the image size: build the instance with image_hw")
+            raise ZutisUsageError("invalid_argument", "polygons need the image size: build the instance with image_hw")
         return decode_polygons(self.segmentation, self.image_hw)
 
     @classmethod
@@ -88,10 +89,20 @@ class SegmentResult:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SegmentResult:
-        hw = (int(data["image"]["height"]), int(data["image"]["width"]))
-        return cls(model=data["model"], width=hw[1], height=hw[0], concepts=list(data["concepts"]),
-                   instances=[Instance.from_json(i, hw) for i in data["instances"]],
-                   timings=dict(data.get("timings") or {}), raw=data)
+        """The typed answer of the service's JSON.
+
+        Raises:
+            ZutisError: ``invalid_answer``, the JSON is not a segmentation answer (a field missing or of the
+                wrong type): a proxy's or another service's answer, never a transport failure.
+        """
+        try:
+            hw = (int(data["image"]["height"]), int(data["image"]["width"]))
+            return cls(model=data["model"], width=hw[1], height=hw[0], concepts=list(data["concepts"]),
+                       instances=[Instance.from_json(i, hw) for i in data["instances"]],
+                       timings=dict(data.get("timings") or {}), raw=data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ZutisError("invalid_answer", f"the answer is not a segmentation answer ({type(exc).__name__}: "
+                                               f"{exc})") from exc
 
     def masks(self) -> np.ndarray:
         """Every instance's mask, bool ``(N, H, W)`` in the order of ``instances``."""
@@ -114,7 +125,8 @@ class SegmentResult:
             for segment in semantic["segments"] or []:
                 indices[decode_rle(segment["segmentation"])] = int(segment["concept_index"])
         if indices.shape != (self.height, self.width):
-            raise ValueError(f"semantic map of shape {indices.shape}, image {self.height} x {self.width}")
+            raise ZutisError("invalid_answer", f"semantic map of shape {indices.shape}, image "
+                                               f"{self.height} x {self.width}")
         return indices
 
     def overlay(self, image: Any, alpha: float = 0.5, labels: bool = True) -> Image.Image:

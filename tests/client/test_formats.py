@@ -9,7 +9,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from tests.client.test_cli import CONCEPTS, EXAMPLES, zutis_client
-from zutis_client import Client
+from zutis_client import Client, ZutisError
 from zutis_client.client import segment_fields, segment_request
 from zutis_client.polygon import decode_polygons
 
@@ -36,7 +36,7 @@ def test_decode_polygons_agrees_with_pycocotools():
         assert np.array_equal(ours, theirs), (ours != theirs).sum()
     square = decode_polygons([[2, 1, 5, 1, 5, 4, 2, 4]], (6, 7))
     assert square.sum() == 9 and square[1:4, 2:5].all()
-    with pytest.raises(ValueError):
+    with pytest.raises(ZutisError):
         decode_polygons([[1, 2, 3, 4]], (5, 5))
 
 
@@ -49,7 +49,7 @@ def test_request_fields_for_both_bodies():
     assert form["data"] == {"concepts": ["cat", "dog"], "score_threshold": "0.5", "mask_format": "polygon"}
     assert segment_fields(None, "coco") == {"vocabulary": "coco"}
     for bad in ((None, None), (["cat"], "coco")):
-        with pytest.raises(ValueError):
+        with pytest.raises(ZutisError):
             segment_fields(*bad)
 
 
