@@ -7,7 +7,7 @@ Only the image network (encoder + mask decoder + text-space projection, ``model.
 ZUTIS applies the text embeddings after it, so one file serves every vocabulary. The file takes one image of any
 size (dynamic height and width) plus its two size-only inputs and returns the mask probabilities and the
 unnormalised text-space projection; ``model.image_network.network_inputs`` makes the inputs and
-``model.openvino_runtime.finish_outputs`` + ``model.postprocess`` turn the outputs into an answer (README,
+``model.image_network.finish_outputs`` + ``model.postprocess`` turn the outputs into an answer (README,
 "The exported network"). Weights are stored in float32; the runtime picks the precision it computes in.
 """
 
@@ -63,19 +63,22 @@ def export_openvino(model: "ZUTIS", out_dir: Path) -> Path:
 
 
 def export_onnx(model: "ZUTIS", out_dir: Path) -> Path:
-    """Write the image network as ONNX (``image_network.onnx``, opset 17, float32) into ``out_dir``; returns its
+    """Write the image network as ONNX (``image_network.onnx``, opset 18, float32) into ``out_dir``; returns its
     path. Height, width and the token counts are dynamic axes."""
     from model.image_network import INPUT_NAMES, OUTPUT_NAMES
 
     network, example, torch = _traced_network(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / ONNX_NAME
-    dynamic = {"image": {2: "height", 3: "width"}, "pos_embed": {0: "tokens"}, "mask_pos": {0: "pixels"},
-               "mask_probs": {2: "pixels"}, "text_proj": {1: "pixels"}}
+    # torch.export's exporter: the TorchScript one bakes the sequence length into attention's reshapes.
+    dim = torch.export.Dim
+    height, width, tokens, pixels = dim("height"), dim("width"), dim("tokens"), dim("pixels")
+    dynamic = {"image": {2: height, 3: width}, "pos_embed": {0: tokens}, "mask_pos": {0: pixels}}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(network, example, str(path), input_names=list(INPUT_NAMES),
-                          output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, opset_version=17, dynamo=False)
+        program = torch.onnx.export(network, example, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                                    dynamic_shapes=dynamic, opset_version=18, dynamo=True, verbose=False)
+    program.save(str(path))
     return path
 
 

@@ -158,10 +158,10 @@ def normalise_text_space(proj: torch.Tensor, rows: list[int], cols: list[int]) -
     """(B, h', w', E) projected features -> (B, h', w', E) float32 unit-norm text-space features (reference §1.9).
 
     Per image, layer norm over (h', w', E) jointly without affine, its statistics from the top-left
-    ``rows[i] x cols[i]`` valid region; then unit L2 norm per pixel. Always computed in float32 (reduced-precision
-    statistics over ~2.5 M values would move every feature): a no-op cast for float32 networks.
+    ``rows[i] x cols[i]`` valid region; then unit L2 norm per pixel. Computed in at least float32 (reduced-precision
+    statistics over ~2.5 M values would move every feature; float32 and float64 inputs are used as they are).
     """
-    proj = proj.float()
+    proj = proj.to(torch.promote_types(proj.dtype, torch.float32))
     normed = torch.empty_like(proj)
     for i in range(proj.shape[0]):
         var, mean = torch.var_mean(proj[i, : rows[i], : cols[i]], unbiased=False)

@@ -8,7 +8,8 @@
   (``<...>/compiled/``) keeps every compiled blob on disk, so a restart compiles nothing it compiled before; in
   memory at most ``max_compiled`` sizes are held (least recently used dropped). A letterbox service meets one
   size; native geometry one per distinct patch grid (COCO: a handful).
-- Run: one image per inference; ``finish_outputs`` does the text-space normalisation in float32 in torch.
+- Run: one image per inference; ``model.image_network.finish_outputs`` does the text-space normalisation
+  in float32 in torch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from model.export import OPENVINO_NAME, export_openvino
 from model.image_network import network_inputs, patch_grid
-from model.network import ZUTIS, normalise_text_space
+from model.network import ZUTIS
 
 log = logging.getLogger("model.openvino_runtime")
 
@@ -132,29 +133,4 @@ class OpenVinoNetwork:
         return probs.reshape(-1, hp, wp).float(), proj.reshape(hp, wp, -1).float()
 
 
-def finish_outputs(mask_probs: list[torch.Tensor], text_proj: list[torch.Tensor],
-                   valid_grid: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                            list[tuple[int, int]] | None]:
-    """Per-image network outputs -> batched ``(mask_probs (B, Q, H', W'), semantic_features (B, H', W', E),
-    grid_hw)`` as ``ZUTIS.forward`` / ``forward_ragged`` return them.
-
-    ``mask_probs[i]`` (Q, h'_i, w'_i) and ``text_proj[i]`` (h'_i, w'_i, E) are image ``i``'s outputs;
-    ``valid_grid[i]`` the rows and columns of its grid over the image (letterbox: the statistics region of the
-    text-space layer norm); None: the whole grid. Images of one size are stacked (``grid_hw`` None); of different
-    sizes, padded with zeros to the largest grid, ``grid_hw`` then holds each image's own (h'_i, w'_i).
-    """
-    sizes = [tuple(p.shape[-2:]) for p in mask_probs]
-    valid = valid_grid or sizes
-    rows, cols = [v[0] for v in valid], [v[1] for v in valid]
-    if len(set(sizes)) == 1:
-        return torch.stack(mask_probs), normalise_text_space(torch.stack(text_proj), rows, cols), None
-    hmax, wmax = max(s[0] for s in sizes), max(s[1] for s in sizes)
-    probs = mask_probs[0].new_zeros(len(sizes), mask_probs[0].shape[0], hmax, wmax)
-    semantic = text_proj[0].new_zeros(len(sizes), hmax, wmax, text_proj[0].shape[-1])
-    for i, (h, w) in enumerate(sizes):
-        probs[i, :, :h, :w] = mask_probs[i]
-        semantic[i, :h, :w] = normalise_text_space(text_proj[i].unsqueeze(0), [rows[i]], [cols[i]])[0]
-    return probs, semantic, [(int(h), int(w)) for h, w in sizes]
-
-
-__all__ = ["OpenVinoNetwork", "PRECISION_HINTS", "exported_ir", "finish_outputs"]
+__all__ = ["OpenVinoNetwork", "PRECISION_HINTS", "exported_ir"]

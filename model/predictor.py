@@ -233,7 +233,7 @@ class Predictor:
 
     def _forward_openvino(self, batch: Sequence[PreparedImage]) -> ZUTISOutput:
         """``forward`` on the OpenVINO runtime: one inference per image, the outputs assembled as torch's."""
-        from model.openvino_runtime import finish_outputs
+        from model.image_network import finish_outputs
 
         assert self._openvino is not None
         outputs = [self._openvino.run(p.tensor) for p in batch]

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.dtypes import DtypeName
+from model.runtime import RuntimeName
 
 DEFAULT_CHECKPOINT = Path("weights/zutis-shapes.safetensors")
 MiB = 1024 * 1024
@@ -30,13 +31,19 @@ class Settings(BaseSettings):
                                                              "path is relative to the working directory")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     dtype: DtypeName = Field(
-        "auto", description="compute precision: auto is float32 on CPU and float16 autocast on CUDA")
+        "auto", description="compute precision: auto is bfloat16 on a CPU with native bfloat16 (AMX or AVX-512 "
+                            "BF16), float32 on other CPUs, float16 autocast on CUDA; float32 reproduces the "
+                            "official code exactly")
     input_size: int | None = Field(None, ge=8, description="letterbox size S, or the longer-side cap in native "
                                                            "geometry; default: the checkpoint's")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (process-wide); default: "
                                                               "torch's own choice (the cores)")
     flush_denormal: bool = Field(True, description="flush denormal floats to zero in the model's threads "
                                                    "(CPU speed; see docs/shapes-notes)")
+    runtime: RuntimeName = Field("auto", description="what runs the image network: torch, openvino (CPU only) or "
+                                                     "auto (OpenVINO on a CPU when installed, torch on a GPU)")
+    cache_dir: Path | None = Field(None, description="folder for files made once and reused (the OpenVINO export "
+                                                     "of a checkpoint); default ~/.cache/zutis")
 
     # -- batching ---------------------------------------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, le=64, description="most images in one forward pass")

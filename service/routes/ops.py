@@ -36,6 +36,9 @@ class Info(BaseModel):
                                       "own size, the official protocol)")
     dtype: str
     device: str
+    dtype_reason: str = Field(description="why this precision (e.g. auto on a CPU with native bfloat16)")
+    runtime: str = Field(description="what runs the image network: torch or openvino")
+    runtime_reason: str = Field(description="why this runtime")
     vocabulary: list[str] = Field(description="training vocabulary, background first")
     prompt_templates: list[str] | None
     inference_defaults: dict[str, Any]
@@ -76,6 +79,7 @@ async def info(engine: EngineDep, settings: SettingsDep, _: ApiKey) -> Info:
                 checkpoint=predictor.checkpoint_path.name, backbone=describe(meta.model_config),
                 input_size=predictor.input_size, geometry=predictor.geometry,
                 dtype=str(predictor.dtype).removeprefix("torch."), device=str(predictor.device),
+                dtype_reason=predictor.dtype_reason, runtime=predictor.runtime, runtime_reason=predictor.runtime_reason,
                 vocabulary=list(meta.vocabulary),
                 prompt_templates=meta.prompt_templates, inference_defaults=predictor.default_params.to_dict(),
                 limits=settings.limits(), batching=settings.batching(), auth=settings.api_key is not None)

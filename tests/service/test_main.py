@@ -51,7 +51,8 @@ class Service:
 def service_env(checkpoint: Path, port: int, **settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZUTIS_")}
     env.update(ZUTIS_CHECKPOINT=str(checkpoint), ZUTIS_DEVICE="cpu", ZUTIS_HOST="127.0.0.1", ZUTIS_PORT=str(port),
-               ZUTIS_TORCH_THREADS="1", **{f"ZUTIS_{k.upper()}": v for k, v in settings.items()})
+               ZUTIS_TORCH_THREADS="1", ZUTIS_CACHE_DIR=str(checkpoint.parent / "zutis-cache"),
+               **{f"ZUTIS_{k.upper()}": v for k, v in settings.items()})
     return env
 
 
