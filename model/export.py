@@ -28,13 +28,17 @@ ONNX_NAME, OPENVINO_NAME = "image_network.onnx", "image_network.xml"
 
 
 def _traced_network(model: "ZUTIS"):
-    """The ``ImageNetwork`` of ``model`` in float32 and its example inputs (a 4 x 6 patch image: height and width
-    differ, so that no size is mistaken for the other while tracing)."""
+    """The ``ImageNetwork`` of ``model`` in float32 (a float32 copy of a reduced-precision model) and its example
+    inputs (a 4 x 6 patch image: height and width differ, so that no size is mistaken for the other in tracing)."""
+    import copy
+
     import torch
 
     from model.image_network import ImageNetwork, example_inputs
 
-    model = model.float().eval()
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model = copy.deepcopy(model).float()
+    model = model.eval()
     p = model.config.patch_size
     return ImageNetwork(model), example_inputs(model, 4 * p, 6 * p), torch
 
