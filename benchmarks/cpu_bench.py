@@ -46,7 +46,7 @@ from benchmarks.reports import write_json_report  # noqa: E402
 CONCEPTS = ["person", "car", "dog"]
 IMAGE_HW = (480, 640)
 ARCHS = {"ViT-B-16": (16, 14), "ViT-B-32": (32, 7)}  # patch, official grid (224 / patch)
-VARIANTS = (("torch", "float32"), ("torch", "bfloat16"), ("openvino", "float32"), ("openvino", "bfloat16"))
+VARIANTS = ("torch-float32", "torch-bfloat16", "openvino-float32", "openvino-bfloat16")
 
 
 def make_release(work_dir: Path, arch: str) -> tuple[dict[str, Any], Path]:
@@ -196,11 +196,13 @@ def bench_arch(arch: str, args: argparse.Namespace, image: np.ndarray, peak: dic
     from model.predictor import Predictor
 
     state, checkpoint = make_release(args.work_dir, arch)
-    predictors = {f"{rt}-{dt}": Predictor.from_checkpoint(checkpoint, "cpu", dt, runtime=rt,
-                                                           cache_dir=args.work_dir / "cache")
-                  for rt, dt in VARIANTS}
-    flops = forward_flops(predictors["torch-float32"], image)
-    _, text = predictors["torch-float32"].encode_concepts(CONCEPTS)
+    predictors = {name: Predictor.from_checkpoint(checkpoint, "cpu", name.split("-")[1], runtime=name.split("-")[0],
+                                                  cache_dir=args.work_dir / "cache")
+                  for name in args.variants}
+    reference = Predictor.from_checkpoint(checkpoint, "cpu", "float32", runtime="torch")
+    flops = forward_flops(reference, image)
+    _, text = reference.encode_concepts(CONCEPTS)
+    del reference
     paths = {"official": official_path(state, image, text)}
     paths.update({name: project_path(p, image) for name, p in predictors.items()})
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
@@ -283,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", nargs="*", default=list(ARCHS), choices=list(ARCHS),
                         help="architectures to time in-process (none: only --service / --startup)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="the project's variants to time beside the official path")
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul of the peak")
     parser.add_argument("--service", action="store_true", help="also time ViT-B/16 through python -m service")
     parser.add_argument("--startup", action="store_true", help="also time ViT-B/16's OpenVINO export, compile and "
