@@ -7,6 +7,7 @@ import torch
 from model.export import main as export_main
 from model.image_network import ImageNetwork, finish_outputs, network_inputs
 from model.predictor import Predictor
+from model.resample import valid_grid_hw
 from tests.model.conftest import tiny_official_conversion
 from tests.model.test_native import structured_image
 
@@ -42,14 +43,25 @@ def test_exported_onnx_network_equals_torch_at_any_size(tiny_checkpoint, onnx_ex
             assert np.abs(g - e.numpy()).max() <= 1e-5
 
 
-def test_exported_onnx_network_gives_the_predictors_answer(tmp_path):
+@pytest.fixture(scope="module")
+def converted_onnx(tmp_path_factory):
+    """A converted tiny official release and its exported ONNX network."""
+    root = tmp_path_factory.mktemp("converted")
+    checkpoint = tiny_official_conversion(root)["out"]
+    assert export_main(["--format", "onnx", str(checkpoint), "--out", str(root / "onnx")]) == 0
+    return checkpoint, root / "onnx" / "image_network.onnx"
+
+
+@pytest.mark.parametrize("geometry", ["native", "letterbox"])
+def test_exported_onnx_network_gives_the_predictors_answer(converted_onnx, geometry):
     """The README's recipe: the exported network in ONNX Runtime + this project's preparation, text embeddings
-    and post-processing give the same answer as ``Predictor.predict`` in float32 (a converted tiny release)."""
+    and post-processing give the same answer as ``Predictor.predict`` in float32 (a converted tiny release; in
+    letterbox geometry the 120 x 160 image leaves a quarter of the square as padding)."""
     ort = pytest.importorskip("onnxruntime")
-    checkpoint = tiny_official_conversion(tmp_path)["out"]
-    assert export_main(["--format", "onnx", str(checkpoint), "--out", str(tmp_path / "onnx")]) == 0
-    session = ort.InferenceSession(str(tmp_path / "onnx" / "image_network.onnx"), providers=["CPUExecutionProvider"])
-    predictor = Predictor.from_checkpoint(checkpoint, "cpu", "float32", geometry="native", runtime="torch")
+    checkpoint, onnx_path = converted_onnx
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    predictor = Predictor.from_checkpoint(checkpoint, "cpu", "float32", geometry=geometry, input_size=160,
+                                          runtime="torch")
     picture = structured_image((120, 160), seed=3)
     prepared = predictor.prepare(picture)
     h, w = prepared.tensor.shape[-2:]
@@ -58,7 +70,8 @@ def test_exported_onnx_network_gives_the_predictors_answer(tmp_path):
                                      "mask_pos": mask_pos.numpy()})
     hp, wp = 2 * (h // predictor.patch_size), 2 * (w // predictor.patch_size)
     mask_probs, semantic, _ = finish_outputs([torch.from_numpy(probs).reshape(-1, hp, wp)],
-                                             [torch.from_numpy(proj).reshape(hp, wp, -1)])
+                                             [torch.from_numpy(proj).reshape(hp, wp, -1)],
+                                             [valid_grid_hw(prepared.placement, (hp, wp))])
     vocabulary, text = predictor.encode_concepts(["person", "car", "dog"])
     from model.network import ZUTISOutput
 
