@@ -168,7 +168,8 @@ def service_path(checkpoint: Path, image: np.ndarray, log_path: Path) -> tuple[A
     Image.fromarray(image).save(buf, format="PNG")
     body = buf.getvalue()
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZUTIS_")}
+    # ZUTIS_CACHE_DIR passes (where OpenVINO exports go on a CPU); every other setting is the run's own
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZUTIS_") or k == "ZUTIS_CACHE_DIR"}
     env.update(ZUTIS_CHECKPOINT=str(checkpoint), ZUTIS_PORT=str(port))
     log = log_path.open("w")
     process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO_ROOT, env=env, stdout=log,
