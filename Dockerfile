@@ -12,6 +12,10 @@
 # NVIDIA_* variables below tell it what to mount. The host driver must support the wheel's CUDA version
 # (CUDA 13 needs driver >= 580). For an older driver, build with a torch built for an older CUDA, e.g.
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .
+# CPU-only hosts: the same image serves CPUs (ZUTIS_RUNTIME=auto runs OpenVINO there, in bfloat16 where the CPU
+# has it); build it with torch's much smaller CPU wheel and keep /var/cache/zutis (the OpenVINO exports and
+# compiled networks, ZUTIS_CACHE_DIR) on a volume so that a restart compiles nothing (README "Fast on a CPU"):
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t zutis-service:cpu .
 # Python 3.11 is the version the project is developed and tested with.
 FROM python:3.11-slim-bookworm
 

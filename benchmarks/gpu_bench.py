@@ -132,7 +132,8 @@ def bench_service(checkpoint: Path, device: str, dtype: str, geometry: str, inpu
     """The HTTP service with ``ZUTIS_MAX_BATCH_SIZE=batch_size`` under ``2 x batch_size`` closed-loop clients."""
     from benchmarks.load_bench import batch_stats
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZUTIS_")}
+    # ZUTIS_CACHE_DIR passes (where OpenVINO exports go on a CPU); every other setting is the run's own
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZUTIS_") or k == "ZUTIS_CACHE_DIR"}
     env.update(ZUTIS_CHECKPOINT=str(checkpoint), ZUTIS_DEVICE=device, ZUTIS_DTYPE=dtype, ZUTIS_GEOMETRY=geometry,
                ZUTIS_INPUT_SIZE=str(input_size), ZUTIS_HOST="127.0.0.1", ZUTIS_PORT=str(port),
                ZUTIS_MAX_BATCH_SIZE=str(batch_size), ZUTIS_MAX_BATCH_DELAY_MS="5",

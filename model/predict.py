@@ -46,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nms-iou", type=float)
     parser.add_argument("--max-instances", type=int)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on GPU), float32, float16, bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on a CPU with native bf16, else fp32; fp16 on "
+                        "GPU), float32 (the official code's answers exactly), float16, bfloat16")
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"],
+                        help="what runs the image network (auto: OpenVINO on a CPU when installed, else torch)")
+    parser.add_argument("--cache-dir", help="where the OpenVINO export is kept (default $ZUTIS_CACHE_DIR or "
+                        "~/.cache/zutis)")
     parser.add_argument("--input-size", type=int, help="override the checkpoint's input size (letterbox side S, "
                         "or the longer-side cap in native geometry)")
     parser.add_argument("--geometry", choices=["letterbox", "native"],
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)
     try:
         predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.dtype, args.input_size,
-                                               args.geometry)
+                                               args.geometry, args.runtime, args.cache_dir)
         t0 = time.perf_counter()
         prediction = predictor.predict([image], split_concepts(args.concepts), semantic=args.semantic != "none",
                                        score_threshold=args.score_threshold, mask_threshold=args.mask_threshold,

@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[], Predict
         loader = zoo_loader(settings, zoo)
     if loader is None:
         loader = partial(Predictor.from_checkpoint, settings.checkpoint, settings.device, settings.dtype,
-                         settings.input_size, settings.geometry)
+                         settings.input_size, settings.geometry, settings.runtime, settings.cache_dir)
     lifespan = partial(_run_engine, settings, metrics, _reporting_build_info(loader, metrics), on_fatal)
     app = FastAPI(title="zutis-service", version=VERSION, description=DESCRIPTION, lifespan=lifespan, docs_url=None,
                   redoc_url=None)

@@ -248,8 +248,9 @@ class Engine:
         predictor = self._loader()
         self._predictor = predictor
         self._load_s = time.perf_counter() - start
-        log.info("loaded %s on %s (%s) in %.1f s; warming up at batch sizes 1..%d", predictor.model_id,
-                 predictor.device, str(predictor.dtype).removeprefix("torch."), self._load_s,
+        log.info("loaded %s on %s (%s: %s; runtime %s: %s) in %.1f s; warming up at batch sizes 1..%d",
+                 predictor.model_id, predictor.device, str(predictor.dtype).removeprefix("torch."),
+                 predictor.dtype_reason, predictor.runtime, predictor.runtime_reason, self._load_s,
                  self.config.max_batch_size)
         self._admission.phase = EngineState.WARMING
         return predictor
@@ -261,10 +262,12 @@ class Engine:
         pixels = np.random.default_rng(0).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
         prepared = predictor.prepare(pixels)
         vocabulary, text = predictor.encode_concepts(list(WARMUP_CONCEPTS))
-        for batch_size in range(1, self.config.max_batch_size + 1):
+        # OpenVINO runs a batch one image at a time through one compiled network: batch size 1 warms it all.
+        largest = 1 if predictor.runtime == "openvino" else self.config.max_batch_size
+        for batch_size in range(1, largest + 1):
             begin = time.perf_counter()
             output = predictor.forward([prepared] * batch_size)
-            log.info("warm-up: batch size %d/%d in %.2f s", batch_size, self.config.max_batch_size,
+            log.info("warm-up: batch size %d/%d in %.2f s", batch_size, largest,
                      time.perf_counter() - begin)
         prediction = predictor.postprocess(output, 0, prepared, vocabulary, text, predictor.params())
         encode_answer(prediction, predictor.model_id).model_dump_json()

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.dtypes import DtypeName
+from model.runtime import RuntimeName
 
 DEFAULT_CHECKPOINT = Path("weights/zutis-shapes.safetensors")
 ZOO_PREFIX = "zoo:"  # ZUTIS_CHECKPOINT=zoo:NAME (model.zoo.ZOO_PREFIX; not imported: settings load before torch)
@@ -33,17 +34,22 @@ class Settings(BaseSettings):
                                                              "ZUTIS_CACHE_DIR at start-up (python -m model.fetch)")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     dtype: DtypeName = Field(
-        "auto", description="compute precision: auto is float32 on CPU and float16 autocast on CUDA")
+        "auto", description="compute precision: auto is bfloat16 on a CPU with native bfloat16 (AMX or AVX-512 "
+                            "BF16), float32 on other CPUs, float16 autocast on CUDA; float32 reproduces the "
+                            "official code exactly")
     input_size: int | None = Field(None, ge=8, description="letterbox size S, or the longer-side cap in native "
                                                            "geometry; default: the checkpoint's")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (process-wide); default: "
                                                               "torch's own choice (the cores)")
     flush_denormal: bool = Field(True, description="flush denormal floats to zero in the model's threads "
                                                    "(CPU speed; see docs/shapes-notes)")
+    runtime: RuntimeName = Field("auto", description="what runs the image network: torch, openvino (CPU only) or "
+                                                     "auto (OpenVINO on a CPU when installed, torch on a GPU)")
 
     # -- model zoo (ZUTIS_CHECKPOINT=zoo:NAME) -----------------------------------------------------------------
-    cache_dir: Path = Field(Path("~/.cache/zutis"), description="where zoo models are downloaded and converted "
-                                                                "(shared with python -m model.fetch)")
+    cache_dir: Path = Field(Path("~/.cache/zutis"), description="files made once and reused: zoo models downloaded "
+                                                                "and converted (shared with python -m model.fetch), "
+                                                                "and the OpenVINO export of a checkpoint")
     zoo_manifest: Path | None = Field(None, description="a zoo manifest (JSON) replacing the built-in one: a private "
                                                         "mirror's URLs and hashes, or private models")
 

@@ -27,7 +27,8 @@ def running_service(log: Path, checkpoint: Path = SHIPPED_CHECKPOINT, **settings
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZUTIS_")}
     env.update(ZUTIS_CHECKPOINT=str(checkpoint), ZUTIS_DEVICE="cpu", ZUTIS_HOST="127.0.0.1", ZUTIS_PORT=str(port),
-               ZUTIS_TORCH_THREADS="1", ZUTIS_MAX_BATCH_SIZE="1", OMP_WAIT_POLICY="PASSIVE")
+               ZUTIS_TORCH_THREADS="1", ZUTIS_MAX_BATCH_SIZE="1", OMP_WAIT_POLICY="PASSIVE",
+               ZUTIS_CACHE_DIR=str(log.parent / "zutis-cache"))  # not the user's ~/.cache
     env.update({f"ZUTIS_{key.upper()}": value for key, value in settings.items()})
     base = f"http://127.0.0.1:{port}"
     with open(log, "wb") as output:

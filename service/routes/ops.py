@@ -59,6 +59,9 @@ class Info(BaseModel):
                                       "own size, the official protocol)")
     dtype: str
     device: str
+    dtype_reason: str = Field(description="why this precision (e.g. auto on a CPU with native bfloat16)")
+    runtime: str = Field(description="what runs the image network: torch or openvino")
+    runtime_reason: str = Field(description="why this runtime")
     vocabulary: list[str] = Field(description="the checkpoint's default concepts, background first: those it was "
                                               "trained on and those it was only evaluated on")
     trained_concepts: list[str] | None = Field(description="the concepts the model was trained on (null when the "
@@ -112,6 +115,7 @@ async def info(engine: EngineDep, settings: SettingsDep, _: ApiKey) -> Info:
                 checkpoint=predictor.checkpoint_path.name, backbone=describe(meta.model_config),
                 input_size=predictor.input_size, geometry=predictor.geometry,
                 dtype=str(predictor.dtype).removeprefix("torch."), device=str(predictor.device),
+                dtype_reason=predictor.dtype_reason, runtime=predictor.runtime, runtime_reason=predictor.runtime_reason,
                 vocabulary=list(meta.vocabulary), trained_concepts=split.trained if split else None,
                 evaluated_only_concepts=split.evaluated_only if split else None,
                 prompt_templates=meta.prompt_templates, inference_defaults=predictor.default_params.to_dict(),

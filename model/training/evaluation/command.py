@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also report metrics over these concepts only (repeatable)")
     parser.add_argument("--class-agnostic", action="store_true", help="class-agnostic mask AP")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on a CPU with native bf16, else fp32; fp16 on "
+                        "GPU), float32 (the official code's answers exactly), bfloat16, float16")
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"],
+                        help="what runs the image network (auto: OpenVINO on a CPU when installed, else torch)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--geometry", choices=["letterbox", "native"],
                         help="letterbox into S x S, or native (each image at its own size, the official protocol); "
@@ -125,8 +129,8 @@ def _evaluate_checkpoint(args: argparse.Namespace, subsets: dict[str, list[str]]
     else:
         raise SystemExit("give --coco, or --semantic-labels with --concepts")
     evaluation = evaluate_checkpoint(args.checkpoint, dataset, concepts, device=args.device,
-                                     geometry=args.geometry, input_size=args.input_size,
-                                     class_agnostic=args.class_agnostic, subsets=subsets,
+                                     geometry=args.geometry, input_size=args.input_size, dtype=args.dtype,
+                                     runtime=args.runtime, class_agnostic=args.class_agnostic, subsets=subsets,
                                      batch_size=args.batch_size, max_images=args.max_images, progress=True,
                                      exif_orientation=args.exif_orientation)
     if args.save_results is not None:

@@ -62,17 +62,19 @@ class ProgressReporter:
 
 def evaluate_checkpoint(checkpoint: str | Path, dataset: EvalDataset, concepts: Sequence[str] | None = None, *,
                         device: str = "cpu", geometry: str | None = None, input_size: int | None = None,
-                        **kwargs: Any) -> Evaluation:
+                        dtype: str = "auto", runtime: str = "torch", **kwargs: Any) -> Evaluation:
     """Load ``checkpoint`` with ``model.predictor.Predictor`` and run ``evaluate_predictor`` with it.
 
-    ``geometry`` (``letterbox``/``native``) and ``input_size`` default to the checkpoint's.
+    ``geometry`` (``letterbox``/``native``) and ``input_size`` default to the checkpoint's; ``dtype`` and
+    ``runtime`` are ``Predictor.from_checkpoint``'s.
     """
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     from model.predictor import Predictor  # deferred: torch and open_clip (see the module docstring)
 
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, input_size=input_size, geometry=geometry)
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, input_size=input_size, geometry=geometry,
+                                          dtype=dtype, runtime=runtime)
     return evaluate_predictor(predictor, dataset, concepts, **kwargs)
 
 
