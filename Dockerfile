@@ -12,6 +12,10 @@
 # NVIDIA_* variables below tell it what to mount. The host driver must support the wheel's CUDA version
 # (CUDA 13 needs driver >= 580). For an older driver, build with a torch built for an older CUDA, e.g.
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .
+# CPU-only hosts: the same image serves CPUs (ZUTIS_RUNTIME=auto runs OpenVINO there, in bfloat16 where the CPU
+# has it); build it with torch's much smaller CPU wheel and keep /var/cache/zutis (the OpenVINO exports and
+# compiled networks, ZUTIS_CACHE_DIR) on a volume so that a restart compiles nothing (README "Fast on a CPU"):
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t zutis-service:cpu .
 # Python 3.11 is the version the project is developed and tested with.
 FROM python:3.11-slim-bookworm
 
@@ -46,12 +50,17 @@ RUN pip install --no-cache-dir --no-deps . \
     && rm -rf build ./*.egg-info
 
 # Weights baked into the image so that it runs on its own; mounting a directory over /app/weights (as
-# docker-compose.yml does) or pointing ZUTIS_CHECKPOINT at another file replaces them without a rebuild.
+# docker-compose.yml does) or pointing ZUTIS_CHECKPOINT at another file, or at a zoo model (zoo:coco-vit-b16,
+# fetched at start-up into ZUTIS_CACHE_DIR), replaces them without a rebuild.
 # The bracket makes the source a pattern, which BuildKit lets match nothing: a checkout without weights still
 # builds an image, to be run with weights mounted.
 COPY weight[s] weights/
 
-RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/zutis zutis
+# /var/cache/zutis: where ZUTIS_CHECKPOINT=zoo:NAME fetches models to (ZUTIS_CACHE_DIR), owned by the service's
+# user so that a named volume mounted there (docker-compose.yml) starts out writable by it.
+RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/zutis zutis \
+    && mkdir -p /var/cache/zutis \
+    && chown 10001:10001 /var/cache/zutis
 # Numeric, so that runtimes (Kubernetes runAsNonRoot) can verify it is not root without reading /etc/passwd.
 USER 10001:10001
 
@@ -60,14 +69,17 @@ USER 10001:10001
 ENV ZUTIS_HOST=0.0.0.0 \
     ZUTIS_PORT=8000 \
     ZUTIS_CHECKPOINT=/app/weights/zutis-shapes.safetensors \
+    ZUTIS_CACHE_DIR=/var/cache/zutis \
     MALLOC_MMAP_THRESHOLD_=33554432 \
     MALLOC_TRIM_THRESHOLD_=1073741824 \
     OMP_WAIT_POLICY=PASSIVE
 EXPOSE 8000
 
 # Healthy means ready: /readyz answers 200 only once the model is loaded and warmed up, and 503 again while the
-# service drains after SIGTERM. The start period covers loading and warm-up on a cold GPU.
-HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+# service drains after SIGTERM. The start period covers a first start with ZUTIS_CHECKPOINT=zoo:NAME (about
+# 850 MB downloaded and converted: README "Real photographs"), then loading and warm-up on a cold GPU; a ready
+# container turns healthy at once whatever its length.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10m --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('ZUTIS_PORT', '8000') + '/readyz', timeout=2)"]
 
 # Exec form, so python is the process that receives SIGTERM: uvicorn then turns readiness off, finishes the

@@ -118,11 +118,12 @@ def free_port() -> int:
 
 
 def service_env(checkpoint: str | Path, port: int, **settings: Any) -> dict[str, str]:
-    """The environment of a ``python -m service`` process: this process's, without its ``ZUTIS_*`` variables, plus
-    ``ZUTIS_CHECKPOINT``, ``ZUTIS_HOST=127.0.0.1``, ``ZUTIS_PORT`` and ``ZUTIS_<KEY>`` for each of ``settings``
-    (``max_batch_size=4`` -> ``ZUTIS_MAX_BATCH_SIZE=4``; None values are left out). ``MALLOC_MMAP_THRESHOLD_``
-    defaults to 32 MiB (the CPU allocator trap of docs/benchmarks.md)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZUTIS_")}
+    """The environment of a ``python -m service`` process: this process's, without its ``ZUTIS_*`` variables
+    (except ``ZUTIS_CACHE_DIR``: where OpenVINO exports and zoo models are kept), plus ``ZUTIS_CHECKPOINT``,
+    ``ZUTIS_HOST=127.0.0.1``, ``ZUTIS_PORT`` and ``ZUTIS_<KEY>`` for each of ``settings`` (``max_batch_size=4`` ->
+    ``ZUTIS_MAX_BATCH_SIZE=4``; None values are left out). ``MALLOC_MMAP_THRESHOLD_`` defaults to 32 MiB (the CPU
+    allocator trap of docs/benchmarks.md)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZUTIS_") or k == "ZUTIS_CACHE_DIR"}
     env.update(ZUTIS_CHECKPOINT=str(checkpoint), ZUTIS_HOST="127.0.0.1", ZUTIS_PORT=str(port))
     env.update({f"ZUTIS_{key.upper()}": str(value) for key, value in settings.items() if value is not None})
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")

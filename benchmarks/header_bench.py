@@ -48,12 +48,12 @@ def serve(protocol: str, port: int, lag_file: Path) -> None:
     import uvicorn
 
     from service.app import create_app
-    from service.protocol import bounded_head_protocol
+    from service.protocol import ConnectionLimits, guarded_protocol
     from service.settings import Settings
 
     settings = Settings()
     app = create_app(settings)
-    options: dict = {"http": {"bounded": bounded_head_protocol(settings.max_header_bytes),
+    options: dict = {"http": {"bounded": guarded_protocol(ConnectionLimits.from_settings(settings)),
                               "httptools": "httptools", "h11": "h11", "h11-64k": "h11"}[protocol]}
     if protocol == "h11-64k":
         options["h11_max_incomplete_event_size"] = 65536

@@ -12,7 +12,7 @@ For one 640 x 480 JPEG upload (smooth photo-like content, ~90 KB) with about 10 
   transposes them to column order on the device; ``model.rle.encode_column_major``); a CPU-only host also
   transposes and boxes them on the CPU (reported apart, not in the totals);
 - ``png``: the semantic label map as a base64 PNG (``model.rle.encode_semantic_png``);
-- ``json``: the pydantic answer (``build_response``, semantic map already encoded) to UTF-8 JSON bytes.
+- ``json``: the pydantic answer (``model.answer``'s models, masks and semantic map already encoded) to UTF-8 JSON bytes.
 
 The network, the candidate scoring, the mask resampling and NMS run on the GPU there and are not counted (on a
 CPU-only host they are: see ``benchmarks/postprocess_bench.py``). Each stage runs ``--repeats`` times on one
@@ -104,7 +104,7 @@ def measure(repeats: int) -> dict[str, Any]:
     from model.postprocess import InstancePrediction, Prediction
     from model.predictor import Predictor
     from model.rle import encode_column_major, encode_masks, encode_semantic_png, masks_to_boxes_xywh
-    from service.schema import SemanticMap, build_response
+    from model.answer import RLE, ImageSize, Instance, SegmentResponse, SemanticMap
     from service.upload import decode_image
 
     torch.set_num_threads(1)
@@ -126,13 +126,17 @@ def measure(repeats: int) -> dict[str, Any]:
     boxes = masks_to_boxes_xywh(masks).tolist()
     prediction = Prediction(IMAGE_HW, vocabulary, [
         InstancePrediction(1 + k % (CLASSES - 1), vocabulary[1 + k % (CLASSES - 1)], 0.9 - 0.01 * k,
-                           tuple(boxes[k]), int(masks[k].sum()), rles[k]) for k in range(INSTANCES)], label_map)
+                           tuple(boxes[k]), int(masks[k].sum()), masks[k]) for k in range(INSTANCES)], label_map)
     png = encode_semantic_png(label_map)
+    h, w = IMAGE_HW
 
     def answer_json() -> bytes:
-        response = build_response(Prediction(prediction.image_hw, prediction.concepts, prediction.instances, None),
-                                  "model@000000000000", "none")
-        response.semantic = SemanticMap(format="png", png=png)
+        # the answer's models filled with masks already encoded (the RLE and PNG stages are measured apart)
+        response = SegmentResponse(model="model@000000000000", image=ImageSize(width=w, height=h),
+                                   concepts=vocabulary, semantic=SemanticMap(format="png", png=png), instances=[
+            Instance(concept=inst.concept, concept_index=inst.concept_index, score=round(inst.score, 6),
+                     bbox=list(inst.bbox_xywh), area=inst.area, segmentation=RLE(**rle))
+            for inst, rle in zip(prediction.instances, rles)])
         return response.model_dump_json().encode()
 
     stages = {

@@ -84,11 +84,11 @@ def plain_postprocess(mask_probs: torch.Tensor, semantic_features: torch.Tensor,
     kept = greedy_mask_nms_loop(full, scores_np, labels_np, params.nms_iou, params.score_threshold)
     kept = [k for k in kept if full[k].any() and scores_np[k] > params.score_threshold][: params.max_instances]
     masks = full[kept]
-    rles = encode_masks(masks)
     boxes = masks_to_boxes_xywh(torch.from_numpy(masks)).tolist()
+    # like model.postprocess, the instances keep their bool masks (model.answer encodes them)
     return [InstancePrediction(concept_index=int(labels_np[k]), concept=concepts[int(labels_np[k])],
-                               score=float(scores_np[k]), bbox_xywh=tuple(box), area=int(m.sum()), segmentation=rle)
-            for k, m, box, rle in zip(kept, masks, boxes, rles)]
+                               score=float(scores_np[k]), bbox_xywh=tuple(box), area=int(m.sum()), mask=m)
+            for k, m, box in zip(kept, masks, boxes)]
 
 
 def _time_ms(fn, repeats: int) -> tuple[list[float], list[float]]:

@@ -88,18 +88,23 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tens
     return torch.cat([cls_row, grid], dim=0)
 
 
-def encode_patch_tokens(visual: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+def encode_patch_tokens(visual: nn.Module, images: torch.Tensor,
+                        pos_embed: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
     """The official modified CLIP ViT forward (reference §1.2).
 
     ``images``: (B, 3, H, W) float, normalised. Trailing pixels that do not fill a patch are dropped.
+    ``pos_embed``: the (1 + h*w, D) positional embedding of the image's patch grid, when the caller computed it
+    (``interpolate_pos_embed``; an exported network takes it as an input); None: computed here.
     Returns ``(tokens, h, w)`` with tokens (B, h*w, D) after ``ln_post``, CLS removed, no projection.
     """
     x = visual.conv1(images)  # (B, D, h, w)
     b, d, h, w = x.shape
-    x = x.reshape(b, d, h * w).permute(0, 2, 1)
+    x = x.flatten(2).permute(0, 2, 1)
     cls = visual.class_embedding.to(x.dtype).view(1, 1, d).expand(b, 1, d)
     x = torch.cat([cls, x], dim=1)
-    x = x + interpolate_pos_embed(visual.positional_embedding, h, w).to(x.dtype)
+    if pos_embed is None:
+        pos_embed = interpolate_pos_embed(visual.positional_embedding, h, w)
+    x = x + pos_embed.to(x.dtype)
     x = visual.ln_pre(x)
     x = visual.transformer(x)  # open_clip's Transformer takes and returns batch-first tokens
     x = visual.ln_post(x[:, 1:, :])

@@ -2,11 +2,13 @@
 
 Tensors: ``zutis.*`` (the network: encoder, heads, decoder; official key names after the prefix) and ``text.*``
 (the CLIP text tower). Metadata (safetensors ``__metadata__``, string values holding JSON): ``format``,
-``model_id``, ``model_config``, ``vocabulary`` (training vocabulary, background first), ``inference`` (default
+``model_id``, ``model_config``, ``vocabulary`` (the model's default concepts, background first: those it was
+trained on and, for a zero-shot model, those held out of training and only evaluated), ``inference`` (default
 post-processing parameters), ``input_size`` (inference letterbox size, or the longer-side cap in native
 geometry), ``geometry`` (the default geometry policy, ``letterbox`` or ``native``; absent in older files, which
-mean ``letterbox``), ``prompt_templates`` and ``provenance`` (command, git commit, date, data, metrics). Loading
-never unpickles anything.
+mean ``letterbox``), ``trained_concepts`` (the concepts training saw; absent in older files, whose training
+configuration in the provenance says it), ``prompt_templates`` and ``provenance`` (command, git commit, date, data,
+config, metrics). Loading never unpickles anything.
 """
 
 from __future__ import annotations
@@ -31,6 +33,16 @@ from model.text import TextEncoder
 FORMAT = "zutis-checkpoint/1"
 
 
+@dataclass(frozen=True)
+class ConceptSplit:
+    """A checkpoint's default concepts by what training saw: ``trained`` (in training order) and
+    ``evaluated_only`` (held out of training, in vocabulary order); ``source`` names where the split was read."""
+
+    trained: list[str]
+    evaluated_only: list[str]
+    source: str
+
+
 @dataclass
 class CheckpointMetadata:
     """Everything about a model that is not a tensor."""
@@ -43,6 +55,7 @@ class CheckpointMetadata:
     prompt_templates: list[str] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     geometry: str | None = None  # None: "letterbox" (checkpoints written before the field existed)
+    trained_concepts: list[str] | None = None  # None: not stored (see concept_split)
 
     def __post_init__(self) -> None:
         if self.geometry is not None:
@@ -57,6 +70,27 @@ class CheckpointMetadata:
         """The default geometry policy: the stored one, else ``letterbox``."""
         return self.geometry or "letterbox"
 
+    def concept_split(self) -> ConceptSplit | None:
+        """The default concepts (``vocabulary`` less background) split into those the model was trained on and
+        those it was not (held out, only evaluated); None when the checkpoint does not say (converted official
+        weights, tests' random checkpoints).
+
+        The stored ``trained_concepts`` when present; else, for checkpoints written before that field, the
+        training configuration recorded in the provenance (``provenance["config"]["vocabulary"]``, the concepts
+        ``model.train`` labelled and trained on; ``vocabulary`` is its ``export_vocabulary``).
+        """
+        trained, source = self.trained_concepts, "trained_concepts"
+        if trained is None:
+            config = self.provenance.get("config")
+            stored = config.get("vocabulary") if isinstance(config, dict) else None
+            if isinstance(stored, list) and stored and all(isinstance(name, str) for name in stored):
+                trained, source = stored, "provenance.config.vocabulary"
+        if trained is None:
+            return None
+        seen = {*trained, "background"}
+        return ConceptSplit(trained=[name for name in trained if name != "background"],
+                            evaluated_only=[name for name in self.vocabulary if name not in seen], source=source)
+
     def to_strings(self) -> dict[str, str]:
         strings = {
             "format": FORMAT,
@@ -70,6 +104,8 @@ class CheckpointMetadata:
         }
         if self.geometry is not None:  # written only when set: files stay byte-identical otherwise
             strings["geometry"] = json.dumps(self.geometry)
+        if self.trained_concepts is not None:  # likewise
+            strings["trained_concepts"] = json.dumps(self.trained_concepts)
         return strings
 
     @classmethod
@@ -87,6 +123,7 @@ class CheckpointMetadata:
                 prompt_templates=json.loads(meta.get("prompt_templates", "null")),
                 provenance=json.loads(meta.get("provenance", "{}")),
                 geometry=json.loads(meta.get("geometry", "null")),
+                trained_concepts=json.loads(meta.get("trained_concepts", "null")),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise ValueError(f"{source}: malformed checkpoint metadata ({exc})") from exc

@@ -17,7 +17,7 @@ import datetime as _dt
 import shlex
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -39,6 +39,14 @@ OFFICIAL_INPUT_SIZE = 640
 # The official protocol runs every image at its own size (reference §3.1): native geometry, with the input size
 # as the longer-side cap (ImageNet-S caps at 1024; pass --input-size 1024 there).
 OFFICIAL_GEOMETRY = "native"
+
+
+class InputFileError(ValueError):
+    """One of the two input files is unusable; ``path`` says which (the message is the plain ``ValueError``'s)."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def official_model_config(arch: str) -> ModelConfig:
@@ -101,7 +109,8 @@ def check_values(state: dict[str, torch.Tensor], source: str) -> None:
 
 def convert_official(zutis_path: str | Path, clip_path: str | Path, vocabulary: str, out_path: str | Path,
                      arch: str | None = None, model_config: ModelConfig | None = None,
-                     command: str | None = None) -> Path:
+                     command: str | None = None, input_size: int = OFFICIAL_INPUT_SIZE,
+                     geometry: str = OFFICIAL_GEOMETRY, extra_provenance: dict[str, Any] | None = None) -> Path:
     """Convert one official checkpoint; returns the written path.
 
     Args:
@@ -113,27 +122,35 @@ def convert_official(zutis_path: str | Path, clip_path: str | Path, vocabulary: 
         arch: ``ViT-B-16`` / ``ViT-B-32``; default inferred from the patch size.
         model_config: overrides the official architecture entirely (tests use tiny random models).
         command: recorded in the provenance (default: this process's command line).
+        input_size, geometry: the inference defaults stored (the official protocol: 640, native; ImageNet-S 1024).
+        extra_provenance: more provenance entries (``model.fetch``: URLs, the zoo name); a ``zutis_sha256`` or
+            ``clip_sha256`` given here is trusted instead of hashing the file again.
+
+    ``InputFileError`` (a ``ValueError`` with the culprit's ``path``) when a file is not what it should be.
     """
     zutis_path, clip_path, out_path = Path(zutis_path), Path(clip_path), Path(out_path)
     for what, p in (("official ZUTIS checkpoint", zutis_path), ("CLIP weights file", clip_path)):
         if not p.is_file():
             raise FileNotFoundError(f"{what} not found: {p}")
     names = load_vocabulary(vocabulary)  # ValueError for an unknown name, before any heavy work
-    model, model_config, arch = load_official_network(zutis_path, arch, model_config)
+    try:
+        model, model_config, arch = load_official_network(zutis_path, arch, model_config)
+    except ValueError as exc:
+        raise InputFileError(zutis_path, str(exc)) from exc
     try:
         towers = load_clip(clip_path, model_config)
     except ValueError as exc:
-        raise ValueError(f"{clip_path} is not CLIP {model_config.clip_model or 'of the configured architecture'} "
-                         f"weights: {exc}") from exc
+        wanted = model_config.clip_model or "of the configured architecture"
+        raise InputFileError(clip_path, f"{clip_path} is not CLIP {wanted} weights: {exc}") from exc
     metadata = CheckpointMetadata(
         model_id=f"zutis-official-{vocabulary.replace('_', '-')}-{(arch or 'custom').lower()}",
         model_config=model_config,
         vocabulary=names,
         inference=OFFICIAL_INFERENCE,
-        input_size=OFFICIAL_INPUT_SIZE,
+        input_size=input_size,
         prompt_templates=None,  # the official models embed the raw category names
-        geometry=OFFICIAL_GEOMETRY,
-        provenance=conversion_provenance(zutis_path, clip_path, vocabulary, command),
+        geometry=geometry,
+        provenance=conversion_provenance(zutis_path, clip_path, vocabulary, command, extra_provenance),
     )
     return save_checkpoint(out_path, model, towers.text, metadata)
 
@@ -156,18 +173,22 @@ def load_official_network(zutis_path: Path, arch: str | None,
     return model.eval(), model_config, arch
 
 
-def conversion_provenance(zutis_path: Path, clip_path: Path, vocabulary: str, command: str | None) -> dict[str, str]:
+def conversion_provenance(zutis_path: Path, clip_path: Path, vocabulary: str, command: str | None,
+                          extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Where a converted checkpoint came from: both input files (name and sha256), the vocabulary, the command
-    (default: this process's command line) and the date."""
+    (default: this process's command line), the date, and ``extra`` (whose hashes, when given, are not
+    recomputed)."""
+    extra = dict(extra or {})
     return {
         "source": "official ZUTIS release (github.com/NoelShin/zutis), converted by model.convert_official",
         "zutis_file": zutis_path.name,
-        "zutis_sha256": file_sha256(zutis_path),
+        "zutis_sha256": extra.pop("zutis_sha256", None) or file_sha256(zutis_path),
         "clip_file": clip_path.name,
-        "clip_sha256": file_sha256(clip_path),
+        "clip_sha256": extra.pop("clip_sha256", None) or file_sha256(clip_path),
         "vocabulary": vocabulary,
         "command": command if command is not None else shlex.join([sys.executable, *sys.argv]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
     }
 
 

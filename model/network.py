@@ -116,7 +116,7 @@ class ZUTIS(nn.Module):
         out_grids = [(2 * h, 2 * w) for h, w in grids]
         hmax, wmax = max(g[0] for g in out_grids), max(g[1] for g in out_grids)
         probs = tokens.new_zeros(b, self.config.num_queries, hmax, wmax)
-        semantic = tokens.new_zeros(b, hmax, wmax, self.encoder.proj.shape[1])
+        semantic = tokens.new_zeros(b, hmax, wmax, self.encoder.proj.shape[1], dtype=torch.float32)
         for i, (h, w) in enumerate(grids):
             grid = tokens[i:i + 1, : h * w].transpose(1, 2).reshape(1, d, h, w)
             grid = F.interpolate(grid, scale_factor=2, mode="bilinear", align_corners=False)  # (1, D, h', w')
@@ -151,11 +151,22 @@ class ZUTIS(nn.Module):
         proj = torch.einsum("bhwn,nc->bhwc", up, self.encoder.proj.to(up.dtype))
         b, hp, wp, _ = proj.shape
         rows, cols = valid_grid_size(valid_hw, input_hw, hp, wp, b)
-        normed = torch.empty_like(proj)
-        for i in range(b):
-            var, mean = torch.var_mean(proj[i, : rows[i], : cols[i]], unbiased=False)
-            normed[i] = (proj[i] - mean) / torch.sqrt(var + 1e-5)
-        return normed / (normed.norm(dim=-1, keepdim=True) + 1e-7)
+        return normalise_text_space(proj, rows, cols)
+
+
+def normalise_text_space(proj: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
+    """(B, h', w', E) projected features -> (B, h', w', E) float32 unit-norm text-space features (reference §1.9).
+
+    Per image, layer norm over (h', w', E) jointly without affine, its statistics from the top-left
+    ``rows[i] x cols[i]`` valid region; then unit L2 norm per pixel. Computed in at least float32 (reduced-precision
+    statistics over ~2.5 M values would move every feature; float32 and float64 inputs are used as they are).
+    """
+    proj = proj.to(torch.promote_types(proj.dtype, torch.float32))
+    normed = torch.empty_like(proj)
+    for i in range(proj.shape[0]):
+        var, mean = torch.var_mean(proj[i, : rows[i], : cols[i]], unbiased=False)
+        normed[i] = (proj[i] - mean) / torch.sqrt(var + 1e-5)
+    return normed / (normed.norm(dim=-1, keepdim=True) + 1e-7)
 
 
 def valid_grid_size(valid_hw: torch.Tensor | None, input_hw: torch.Size, hp: int, wp: int,

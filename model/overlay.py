@@ -4,8 +4,8 @@ Labels are sized to the image (about 1/40 of its shorter side, 8 px at least) an
 inside the image and overlaps no other: above its box, else inside its top edge, else below it, else further
 down; a label with no free place is left out (the highest scores are placed first).
 
-``draw_overlay`` reads an answer through the small protocols below (what it reads of the service's
-``SegmentResponse``, which ``python -m model.predict`` passes), so this module does not import ``service``.
+``draw_overlay`` reads an answer through the small protocols below (what it reads of ``model.answer``'s
+``SegmentResponse``, which ``python -m model.predict`` passes); instance masks may be RLE or polygons.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Protocol, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from model.rle import decode_rle
+from model.answer import segmentation_to_mask
 
 
 class _MaskRLE(Protocol):
@@ -41,7 +41,7 @@ class _DrawnInstance(Protocol):
     def bbox(self) -> list[float]: ...  # [x, y, w, h] in pixels
 
     @property
-    def segmentation(self) -> _MaskRLE: ...
+    def segmentation(self) -> _MaskRLE | list[list[float]]: ...  # COCO RLE or polygons
 
 
 class _ImageSize(Protocol):
@@ -53,7 +53,7 @@ class _ImageSize(Protocol):
 
 
 class DrawableAnswer(Protocol):
-    """What ``draw_overlay`` reads of an answer: ``service.schema.SegmentResponse`` has it."""
+    """What ``draw_overlay`` reads of an answer: ``model.answer.SegmentResponse`` has it."""
 
     @property
     def image(self) -> _ImageSize: ...
@@ -147,7 +147,10 @@ def draw_overlay(image: Image.Image, response: DrawableAnswer, alpha: float = 0.
             sel = semantic == idx
             base[sel] = 0.8 * base[sel] + 0.2 * np.array(concept_colour(int(idx)), dtype=np.float32)
     for inst in reversed(response.instances):  # highest score drawn last, on top
-        mask = decode_rle({"size": inst.segmentation.size, "counts": inst.segmentation.counts}).astype(bool)
+        segmentation = inst.segmentation
+        if not isinstance(segmentation, list):  # an RLE, read through the protocol
+            segmentation = {"size": segmentation.size, "counts": segmentation.counts}
+        mask = segmentation_to_mask(segmentation, (h, w))
         base[mask] = (1 - alpha) * base[mask] + alpha * np.array(concept_colour(inst.concept_index), np.float32)
     out = Image.fromarray(base.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)

@@ -3,12 +3,13 @@
 Pure, batched tensor code on whatever device the inputs live on. Instance scores and categories come from the
 low-resolution ``h' x w'`` proposals; only the candidates that survive (non-background, non-empty) are resampled
 to the original ``(H, W)`` (exact: the others are discarded anyway, reference §7.4.4), then class-wise hard NMS,
-then COCO RLEs and boxes.
+then boxes. The masks stay boolean; ``model.answer`` encodes them (RLE or polygons).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -22,10 +23,11 @@ from model.nms import mask_nms
 from model.rle import encode_masks, masks_to_boxes_xywh
 
 
-@dataclass
+@dataclass(eq=False)
 class InstancePrediction:
     """One instance: its concept (index into ``Prediction.concepts``, the vocabulary), score in [0, 1], COCO box
-    ``[x, y, w, h]`` in pixels (inclusive extent), area in pixels and COCO RLE (``{"size": [H, W], "counts": str}``).
+    ``[x, y, w, h]`` in pixels (inclusive extent), area in pixels and ``mask``, the ``(H, W)`` bool mask (a tensor
+    on the device it was computed on, or a numpy array). ``model.answer`` encodes it for the JSON answer.
     """
 
     concept_index: int
@@ -33,7 +35,23 @@ class InstancePrediction:
     score: float
     bbox_xywh: tuple[float, float, float, float]
     area: int
-    segmentation: dict[str, Any]
+    mask: Any  # (H, W) bool torch.Tensor or np.ndarray
+
+    @cached_property
+    def segmentation(self) -> dict[str, Any]:
+        """The mask's COCO RLE, ``{"size": [H, W], "counts": str}`` (computed once, on first use)."""
+        return encode_masks(self.mask[None])[0]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, InstancePrediction):
+            return NotImplemented
+        same = (self.concept_index, self.concept, self.score, self.bbox_xywh, self.area) == \
+            (other.concept_index, other.concept, other.score, other.bbox_xywh, other.area)
+        return same and np.array_equal(_as_numpy(self.mask), _as_numpy(other.mask))
+
+
+def _as_numpy(mask: Any) -> np.ndarray:
+    return mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
 
 
 @dataclass
@@ -171,14 +189,14 @@ def select_instances(
 
 def instance_records(masks: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, areas: torch.Tensor,
                      vocabulary: list[str]) -> list[InstancePrediction]:
-    """:func:`select_instances`' tensors -> one ``InstancePrediction`` each (COCO RLE, box, plain numbers)."""
-    rles = encode_masks(masks)  # transposed for RLE on the masks' device: less work for a GPU host's CPU
+    """:func:`select_instances`' tensors -> one ``InstancePrediction`` each (its bool mask a view of ``masks``,
+    box, plain numbers)."""
     boxes = masks_to_boxes_xywh(masks).cpu().tolist()
     return [
         InstancePrediction(concept_index=int(lab), concept=vocabulary[int(lab)], score=float(s),
-                           bbox_xywh=tuple(float(v) for v in box), area=int(a), segmentation=rle)
-        for lab, s, box, a, rle in zip(labels.cpu().tolist(), scores.cpu().tolist(), boxes,
-                                       areas.cpu().tolist(), rles)
+                           bbox_xywh=tuple(float(v) for v in box), area=int(a), mask=mask)
+        for lab, s, box, a, mask in zip(labels.cpu().tolist(), scores.cpu().tolist(), boxes,
+                                        areas.cpu().tolist(), masks)
     ]
 
 

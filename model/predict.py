@@ -3,8 +3,8 @@
     python -m model.predict --checkpoint weights/zutis-shapes.safetensors --image examples/shapes-1.png \\
         --concepts "red circle,blue star" --out result.json --overlay overlay.png
 
-The one module of ``model`` that imports ``service``: the answer's schema (``service.schema``, pydantic only), so
-that the command and the service print the same JSON. torch and what loads it (the predictor, the overlay) are
+The answer is encoded by ``model.answer``, as the service's is, so that the command and the service print the same
+JSON. torch and what loads it (the predictor, the overlay) are
 imported once the arguments are good, so that ``--help`` and argument errors are instant.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from model.orientation import apply_exif_orientation
-from service.schema import Timings, build_response
+from model.answer import DEFAULT_POLYGON_TOLERANCE, AnswerFormat, Timings, encode_answer
 
 
 def split_concepts(values: list[str]) -> list[str]:
@@ -37,12 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="write the JSON here instead of stdout")
     parser.add_argument("--overlay", help="write a picture of the answer (masks, labels, scores) here")
     parser.add_argument("--semantic", choices=["png", "rle", "none"], default="png")
+    parser.add_argument("--mask-format", choices=["rle", "polygon"], default="rle",
+                        help="instance masks as COCO RLE (default) or COCO polygons (no holes)")
+    parser.add_argument("--polygon-tolerance", type=float, default=DEFAULT_POLYGON_TOLERANCE,
+                        help="polygon simplification, in pixels (default %(default)s; 0 keeps every corner)")
     parser.add_argument("--score-threshold", type=float)
     parser.add_argument("--mask-threshold", type=float)
     parser.add_argument("--nms-iou", type=float)
     parser.add_argument("--max-instances", type=int)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on GPU), float32, float16, bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on a CPU with native bf16, else fp32; fp16 on "
+                        "GPU), float32 (the official code's answers exactly), float16, bfloat16")
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"],
+                        help="what runs the image network (auto: OpenVINO on a CPU when installed, else torch)")
+    parser.add_argument("--cache-dir", help="where the OpenVINO export is kept (default $ZUTIS_CACHE_DIR or "
+                        "~/.cache/zutis)")
     parser.add_argument("--input-size", type=int, help="override the checkpoint's input size (letterbox side S, "
                         "or the longer-side cap in native geometry)")
     parser.add_argument("--geometry", choices=["letterbox", "native"],
@@ -71,6 +80,8 @@ def read_image(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Ima
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.polygon_tolerance >= 0 or args.polygon_tolerance == float("inf"):
+        parser.error(f"--polygon-tolerance: must be a finite number >= 0, got {args.polygon_tolerance}")
     image = read_image(parser, args)
 
     import torch  # deferred (with what loads it) so that --help and argument errors are instant
@@ -81,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)
     try:
         predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.dtype, args.input_size,
-                                               args.geometry)
+                                               args.geometry, args.runtime, args.cache_dir)
         t0 = time.perf_counter()
         prediction = predictor.predict([image], split_concepts(args.concepts), semantic=args.semantic != "none",
                                        score_threshold=args.score_threshold, mask_threshold=args.mask_threshold,
@@ -89,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = (time.perf_counter() - t0) * 1000
     except ValueError as exc:
         parser.error(str(exc))
-    response = build_response(prediction, predictor.model_id, args.semantic,
-                              Timings(queue_ms=0.0, inference_ms=round(elapsed, 3), total_ms=round(elapsed, 3)))
+    answer_format = AnswerFormat(args.semantic, args.mask_format, args.polygon_tolerance)
+    response = encode_answer(prediction, predictor.model_id, answer_format,
+                             Timings(queue_ms=0.0, inference_ms=round(elapsed, 3), total_ms=round(elapsed, 3)))
     text = response.model_dump_json(indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")

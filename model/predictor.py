@@ -17,11 +17,12 @@ import torch
 
 from model.checkpoint import CheckpointMetadata, LoadedCheckpoint, load_checkpoint
 from model.config import InferenceParams
-from model.dtypes import canonical_dtype
+from model.dtypes import canonical_dtype, native_bf16_feature
 from model.embedding_cache import TextEmbeddingCache
 from model.geometry import Placement, check_geometry, preprocess_image
 from model.native import NativeSize, padded_fraction, preprocess_native
-from model.network import ZUTISOutput
+from model.network import ZUTISOutput, valid_grid_size
+from model.runtime import default_cache_dir, resolve_runtime
 from model.postprocess import Prediction, postprocess
 from model.text import build_vocabulary
 
@@ -53,18 +54,44 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """Compute precision: a ``torch.dtype`` or a name of ``model.dtypes.DTYPE_NAMES``; ``"auto"`` is float32 on CPU
-    and float16 (autocast) on CUDA. ``ValueError`` for an unknown name, or reduced precision on CPU."""
+def resolve_precision(dtype: str | torch.dtype, device: torch.device,
+                      bf16_feature: str | None | bool = True) -> tuple[torch.dtype, str]:
+    """Compute precision for a device, and why: ``(dtype, reason)``.
+
+    ``dtype``: a ``torch.dtype`` or a name of ``model.dtypes.DTYPE_NAMES``. ``"auto"`` is float16 (autocast) on
+    CUDA; on a CPU bfloat16 where the CPU computes it natively (``bf16_feature``: the feature found, default
+    ``model.dtypes.native_bf16_feature()``; tests pass None or a name), else float32. ``ValueError`` for an
+    unknown name, or float16 on CPU (no CPU kernels for it worth having).
+    """
+    if bf16_feature is True:
+        bf16_feature = native_bf16_feature() if device.type == "cpu" else None
     if isinstance(dtype, torch.dtype):
-        resolved = dtype
-    elif (name := canonical_dtype(dtype)) == "auto":
-        resolved = torch.float16 if device.type == "cuda" else torch.float32
+        resolved, reason = dtype, f"{str(dtype).removeprefix('torch.')} asked for"
+    elif (name := canonical_dtype(dtype)) != "auto":
+        resolved, reason = getattr(torch, name), f"{name} asked for"
+    elif device.type == "cuda":
+        resolved, reason = torch.float16, "auto on CUDA: float16 autocast"
+    elif bf16_feature:
+        resolved, reason = torch.bfloat16, f"auto on a CPU with native bfloat16 ({bf16_feature})"
     else:
-        resolved = getattr(torch, name)
-    if device.type == "cpu" and resolved != torch.float32:
-        raise ValueError("only float32 is supported on CPU (reduced precision gave no speed-up there)")
-    return resolved
+        resolved, reason = torch.float32, "auto on a CPU without native bfloat16 (no AMX or AVX-512 BF16)"
+    if device.type == "cpu" and resolved not in (torch.float32, torch.bfloat16):
+        raise ValueError("on CPU the precision is float32 or bfloat16 (float16 has no fast CPU kernels)")
+    return resolved, reason
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of ``resolve_precision`` (without the reason)."""
+    return resolve_precision(dtype, device)[0]
+
+
+def _keep_norms_float32(model: torch.nn.Module) -> torch.nn.Module:
+    """Layer norms' parameters back to float32 in a reduced-precision module: torch's CPU layer norm takes a
+    bfloat16 input with float32 weights and computes its statistics in float32 either way."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.float()
+    return model
 
 
 class Predictor:
@@ -75,7 +102,8 @@ class Predictor:
     """
 
     def __init__(self, loaded: LoadedCheckpoint, device: torch.device, dtype: torch.dtype,
-                 input_size: int | None = None, geometry: str | None = None) -> None:
+                 input_size: int | None = None, geometry: str | None = None, runtime: str = "torch",
+                 cache_dir: str | Path | None = None, dtype_reason: str | None = None) -> None:
         # The fused MultiheadAttention fast path picks batch-size-dependent kernels; without it an image's
         # outputs are bitwise independent of its batch (tests/model/test_network.py). Process-wide setting.
         torch.backends.mha.set_fastpath_enabled(False)
@@ -90,15 +118,37 @@ class Predictor:
             raise ValueError(f"input size {self.input_size} is smaller than one patch")
         self.model = loaded.model.to(device).eval()
         self.text_encoder = loaded.text_encoder.to(device).eval()
+        self.dtype_reason = dtype_reason or f"{str(dtype).removeprefix('torch.')} asked for"
+        self.runtime, self.runtime_reason = resolve_runtime(runtime, device.type)
+        self._openvino = None
+        # Reduced precision on a CPU: the image network's weights are cast once, here (autocast would cast them
+        # on every call: a quarter of a bfloat16 forward). Layer norms keep float32 weights; the text tower stays
+        # float32 (its embeddings are cached, so its cost is paid once per concept).
+        self._weights_in_dtype = device.type == "cpu" and dtype != torch.float32
+        if self.runtime == "openvino":
+            from model.openvino_runtime import OpenVinoNetwork, exported_ir  # deferred: imports openvino
+
+            ir = exported_ir(self.model, self.sha256, Path(cache_dir) if cache_dir else default_cache_dir())
+            self._openvino = OpenVinoNetwork(self.model, ir, dtype, threads=torch.get_num_threads())
+        elif self._weights_in_dtype:
+            self.model = _keep_norms_float32(self.model.to(dtype))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-                        input_size: int | None = None, geometry: str | None = None) -> "Predictor":
-        """Load ``path``; ``input_size`` and ``geometry`` (``letterbox``/``native``) default to the checkpoint's."""
+                        input_size: int | None = None, geometry: str | None = None, runtime: str = "torch",
+                        cache_dir: str | Path | None = None) -> "Predictor":
+        """Load ``path``; ``input_size`` and ``geometry`` (``letterbox``/``native``) default to the checkpoint's.
+
+        ``dtype``: ``resolve_precision`` (``auto``: bfloat16 on a CPU with native bfloat16, float32 on other CPUs,
+        float16 on CUDA; ``float32`` reproduces the official code exactly). ``runtime``: ``torch``, ``openvino``
+        or ``auto`` (``model.runtime``; the service and the commands default to ``auto``). ``cache_dir``: where
+        the OpenVINO runtime keeps exported networks (default ``model.runtime.default_cache_dir()``).
+        """
         dev = resolve_device(device)
         if geometry is not None:
             check_geometry(geometry)
-        return cls(load_checkpoint(path, "cpu"), dev, resolve_dtype(dtype, dev), input_size, geometry)
+        resolved, reason = resolve_precision(dtype, dev)
+        return cls(load_checkpoint(path, "cpu"), dev, resolved, input_size, geometry, runtime, cache_dir, reason)
 
     # -- identity --------------------------------------------------------------------------------------------
     @property
@@ -165,14 +215,39 @@ class Predictor:
         native = [p.is_native for p in batch]
         if any(native) and not all(native):
             raise ValueError("a batch cannot mix letterboxed and native-size images")
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype,
-                                                    enabled=self.dtype != torch.float32):
+        if self._openvino is not None:
+            return self._forward_openvino(batch)
+        dtype = self.dtype if self._weights_in_dtype else torch.float32
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast):
             if all(native):
-                out = self.model.forward_ragged([p.tensor.to(self.device, non_blocking=True) for p in batch])
+                out = self.model.forward_ragged([p.tensor.to(self.device, dtype, non_blocking=True) for p in batch])
             else:
-                x = torch.stack([p.tensor for p in batch]).to(self.device, non_blocking=True)
+                x = torch.stack([p.tensor for p in batch]).to(self.device, dtype, non_blocking=True)
                 out = self.model(x, torch.tensor([p.placement.valid_hw for p in batch]))
         return ZUTISOutput(out.mask_probs.float(), out.semantic_features.float(), grid_hw=out.grid_hw)
+
+    @property
+    def _autocast(self) -> bool:
+        """Reduced precision by autocast: on CUDA only (on a CPU the weights are in the compute precision)."""
+        return self.device.type == "cuda" and self.dtype != torch.float32
+
+    def _forward_openvino(self, batch: Sequence[PreparedImage]) -> ZUTISOutput:
+        """``forward`` on the OpenVINO runtime: one inference per image, the outputs assembled as torch's."""
+        from model.image_network import finish_outputs
+
+        assert self._openvino is not None
+        outputs = [self._openvino.run(p.tensor) for p in batch]
+        probs, projections = [o[0] for o in outputs], [o[1] for o in outputs]
+        valid = None
+        if not batch[0].is_native:  # letterbox: the text-space statistics come from the valid region only
+            hp, wp = probs[0].shape[-2:]
+            rows, cols = valid_grid_size(torch.tensor([p.placement.valid_hw for p in batch]),
+                                         batch[0].tensor.shape[-2:], hp, wp, len(batch))
+            valid = list(zip(rows, cols))
+        mask_probs, semantic, grid_hw = finish_outputs(probs, projections, valid)
+        if batch[0].is_native and grid_hw is None:
+            grid_hw = [tuple(mask_probs.shape[-2:])] * len(batch)
+        return ZUTISOutput(mask_probs.to(self.device), semantic.to(self.device), grid_hw=grid_hw)
 
     def encode_concepts(self, concepts: Sequence[str],
                         cache: TextEmbeddingCache | None = None) -> tuple[list[str], torch.Tensor]:
@@ -192,8 +267,7 @@ class Predictor:
         # One concept per call: like the image side, the text tower's GEMMs pick kernels by batch size, and a
         # concept's embedding must not depend on which other concepts happened to miss the cache with it.
         templates = self.metadata.prompt_templates
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype,
-                                                    enabled=self.dtype != torch.float32):
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast):
             return torch.cat([self.text_encoder.encode([name], templates).float() for name in names])
 
     def postprocess(self, output: ZUTISOutput, index: int, prepared: PreparedImage, vocabulary: list[str],

@@ -2,7 +2,9 @@
 
 Configuration comes from ``ZUTIS_*`` environment variables (service.settings); a bad value ends the process with
 one line naming the variable and the rule, and status 2 (as a missing checkpoint does). HTTP/1.1 is served by
-httptools with a limit on the request head (``ZUTIS_MAX_HEADER_BYTES``, service.protocol). On SIGTERM (or Ctrl-C)
+httptools with limits on the request head's size and on the time a client may take to send a request, and a cap
+on open connections (``ZUTIS_MAX_HEADER_BYTES``, ``ZUTIS_HEAD_TIMEOUT_S``, ``ZUTIS_BODY_IDLE_TIMEOUT_S``,
+``ZUTIS_BODY_TIMEOUT_S``, ``ZUTIS_MAX_CONNECTIONS``; service.protocol). On SIGTERM (or Ctrl-C)
 the service drains as load balancers expect (service.server): it keeps listening, ``/readyz`` answers 503, new
 ``/segment`` requests get 503 + ``Retry-After`` after the optional grace period, accepted ones are answered, and
 the process exits 0 within ``ZUTIS_DRAIN_TIMEOUT_S``. It exits 1 when the model fails to load.
@@ -39,7 +41,7 @@ def main() -> int:
     import uvicorn
 
     from service.app import create_app
-    from service.protocol import bounded_head_protocol
+    from service.protocol import ConnectionLimits, guarded_protocol
     from service.server import DrainingServer
 
     failures: list[BaseException] = []
@@ -63,7 +65,7 @@ def main() -> int:
         app.state.shutdown_deadline = deadline
 
     log.info("serving %s on http://%s:%d", settings.checkpoint, settings.host, settings.port)
-    protocol = bounded_head_protocol(settings.max_header_bytes, app.state.metrics.count_rejection)
+    protocol = guarded_protocol(ConnectionLimits.from_settings(settings), app.state.metrics.count_rejection)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, lifespan="on", http=protocol,
                             log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_timeout_s))
     server = DrainingServer(config, engine, settings.drain_grace_s, settings.drain_timeout_s, on_deadline)

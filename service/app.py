@@ -15,12 +15,14 @@ from fastapi.openapi.utils import get_openapi
 
 from model.checkpoint import read_metadata
 from model.predictor import Predictor
+from model.zoo import ZooModel
 from service.auth import ApiKeyGate, guarded_paths
 from service.docs import install_docs
 from service.engine import Engine, EngineConfig
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestMetrics, RequireMultipart, upload_paths
+from service.model_source import resolve_zoo_model, zoo_loader
 from service.routes import ops, segment
 from service.routes.demo import install_demo
 from service.settings import Settings
@@ -36,13 +38,18 @@ DESCRIPTION = """Zero-shot, open-vocabulary instance and semantic segmentation (
 Try it in the browser: [the demo page](/) draws the answer over your image."""
 
 
-def check_checkpoint(settings: Settings) -> None:
-    """Fail fast, naming the file, when the checkpoint is missing or not ours (reads the header only)."""
+def check_checkpoint(settings: Settings) -> ZooModel | None:
+    """Fail fast, naming the file, when the checkpoint is missing or not ours (reads the header only); for
+    ``zoo:NAME``, when the zoo has no such model (the entry is returned: it is fetched once the lifespan starts)."""
+    zoo = resolve_zoo_model(settings)
+    if zoo is not None:
+        return zoo
     path = settings.checkpoint
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path.resolve()} (set ZUTIS_CHECKPOINT to a "
                                 f"checkpoint in our format, e.g. one written by model.checkpoint.save_checkpoint)")
     read_metadata(path)
+    return None
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -62,18 +69,21 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[], Predict
     Args:
         settings: the configuration; default ``Settings()`` (reads ``ZUTIS_*`` from the environment, here only).
         loader: builds the ``Predictor`` in the engine thread; default ``Predictor.from_checkpoint`` with the
-            settings' checkpoint, device, dtype and input size (tests pass slower or instrumented loaders).
+            settings' checkpoint, device, dtype and input size, after fetching it for ``zoo:NAME``
+            (service.model_source); tests pass slower or instrumented loaders.
         on_fatal: called (from the engine thread) when the model fails to load or warm up.
 
     The model loads and warms up in the background once the lifespan starts: ``/healthz`` answers at once,
     ``/readyz`` turns 200 when warm-up is done.
     """
     settings = settings if settings is not None else Settings()
-    check_checkpoint(settings)
+    zoo = check_checkpoint(settings)
     metrics = Metrics()
+    if loader is None and zoo is not None:
+        loader = zoo_loader(settings, zoo)
     if loader is None:
         loader = partial(Predictor.from_checkpoint, settings.checkpoint, settings.device, settings.dtype,
-                         settings.input_size, settings.geometry)
+                         settings.input_size, settings.geometry, settings.runtime, settings.cache_dir)
     lifespan = partial(_run_engine, settings, metrics, _reporting_build_info(loader, metrics), on_fatal)
     app = FastAPI(title="zutis-service", version=VERSION, description=DESCRIPTION, lifespan=lifespan, docs_url=None,
                   redoc_url=None)

@@ -19,11 +19,12 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field, replace
 from typing import Callable
 
 import torch
 
+from model.answer import AnswerFormat
 from model.config import InferenceParams
 from model.network import ZUTISOutput
 from model.predictor import PreparedImage, Predictor
@@ -40,7 +41,9 @@ log = logging.getLogger("service.engine")
 class Job:
     """One image on its way through the engine; ``future`` receives its answer or a ``ServiceError``.
 
-    ``vocabulary`` is background first, ``text_embeddings`` its ``(C, E)`` unit-norm embeddings. ``arrived`` and
+    The request (``service.request.SegmentRequest``), resolved: ``vocabulary`` (background first) and its
+    ``(C, E)`` unit-norm ``text_embeddings``, the checkpoint's ``params`` with the request's overrides, and the
+    ``answer`` format (``semantic=`` is a shorthand for ``answer=AnswerFormat(semantic=...)``). ``arrived`` and
     ``deadline`` are ``time.perf_counter()`` seconds.
     """
 
@@ -48,12 +51,17 @@ class Job:
     vocabulary: list[str]
     text_embeddings: torch.Tensor
     params: InferenceParams
-    semantic: SemanticFormat
     arrived: float
     deadline: float
+    answer: AnswerFormat = AnswerFormat()
+    semantic: InitVar[SemanticFormat | None] = None
     future: Future = field(default_factory=Future)
     enqueued: float = 0.0
     length: int = 0  # encoder tokens of the prepared image (set on submit), for grouping by size
+
+    def __post_init__(self, semantic: SemanticFormat | None) -> None:
+        if semantic is not None:
+            self.answer = replace(self.answer, semantic=semantic)
 
 
 @dataclass(frozen=True)

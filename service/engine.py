@@ -23,23 +23,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import BinaryIO, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 
 from model.config import InferenceParams
+from model.download import FetchError
 from model.embedding_cache import TextEmbeddingCache
 from model.predictor import Predictor
 from model.text import with_background
+from model.vocabularies import load_vocabulary
 from service.admission import Admission, EngineState
 from service.batcher import Batcher, ForwardPass, Job
 from service.errors import ServiceError
 from service.metrics import Metrics
 from service.pool import WorkerPool, prepare_torch_thread
-from service.schema import SemanticFormat, Timings, build_response
+from service.request import ImageSource, SegmentRequest
+from service.schema import Timings, encode_answer
 from service.upload import decode_image
 
 log = logging.getLogger("service.engine")
@@ -161,27 +164,26 @@ class Engine:
             self._admission.phase = EngineState.STOPPED
 
     # -- requests (event loop side) --------------------------------------------------------------------------
-    async def segment(self, upload: BinaryIO, concepts: Sequence[str], overrides: Mapping[str, float | int | None],
-                      semantic: SemanticFormat, deadline: Deadline,
+    async def segment(self, image: ImageSource, request: SegmentRequest, deadline: Deadline,
                       client_gone: Callable[[], Awaitable[None]]) -> Answer:
-        """One image segmented with the request's concepts: its answer, or a ``ServiceError``.
+        """One image segmented as ``request`` asks: its answer, or a ``ServiceError``.
 
         Args:
-            upload: the uploaded file (read in the pool: only the requests being decoded hold image bytes in
-                memory; waiting ones keep Starlette's spooled file, at most 1 MB in memory, the rest on disk).
-            concepts: the request's concepts, normalised and distinct (``service.concepts.parse_concepts``).
-            overrides: ``InferenceParams`` fields to override (None: the checkpoint's default); the number of
-                instances is capped at ``config.max_instances``.
-            semantic: the semantic map's encoding (``png``, ``rle``) or ``none``.
+            image: where the image's bytes come from (read in the pool: an upload, so that only the requests being
+                decoded hold image bytes in memory, waiting ones keep Starlette's spooled file; a JSON body's
+                decoded base64; or an allowed URL, fetched there).
+            request: the typed request built at the edge (``service.request``): its concepts normalised and
+                distinct, or a vocabulary name; threshold overrides (the number of instances is capped at
+                ``config.max_instances``); the answer's format.
             deadline: when the request arrived and how long it may take (past it: 504).
             client_gone: returns when the client has disconnected (then: 499, and the job is dropped).
         """
         with self._admission.slot():
             predictor = self._predictor
             assert predictor is not None  # admitted only once the model is loaded and warm
-            params = self._params(predictor, overrides)
+            params = self._params(predictor, request)
             try:
-                job = await self._pool.run(self._prepare, predictor, upload, concepts, params, semantic, deadline)
+                job = await self._pool.run(self._prepare, predictor, image, request, params, deadline)
                 return await await_answer(self.batcher, job, deadline.timeout_s, client_gone)
             except asyncio.CancelledError:
                 if not self._admission.refusing:
@@ -191,10 +193,10 @@ class Engine:
                                    "retry on another replica", {"Retry-After": str(self.config.retry_after_s),
                                                                 "Connection": "close"}) from None
 
-    def _params(self, predictor: Predictor, overrides: Mapping[str, float | int | None]) -> InferenceParams:
+    def _params(self, predictor: Predictor, request: SegmentRequest) -> InferenceParams:
         """The checkpoint's defaults with the request's overrides, instances capped at the service's limit."""
         try:
-            params = predictor.params(**overrides)
+            params = predictor.params(**request.overrides())
         except ValueError as exc:
             raise ServiceError("invalid_request", str(exc)) from None
         if params.max_instances > self.config.max_instances:
@@ -202,20 +204,20 @@ class Engine:
         return params
 
     # -- pool threads ----------------------------------------------------------------------------------------
-    def _prepare(self, predictor: Predictor, upload: BinaryIO, concepts: Sequence[str], params: InferenceParams,
-                 semantic: SemanticFormat, deadline: Deadline) -> Job:
-        """Read, decode and prepare the image; the vocabulary's text embeddings (cached). An image the geometry
-        cannot take (in native geometry, a side shorter than one patch) is a 400."""
-        upload.seek(0)
-        image = decode_image(upload.read(), self.config.max_image_pixels, self.config.exif_orientation)
+    def _prepare(self, predictor: Predictor, source: ImageSource, request: SegmentRequest, params: InferenceParams,
+                 deadline: Deadline) -> Job:
+        """Read, decode and prepare the image; the vocabulary's text embeddings (cached, so a named vocabulary
+        costs its text encoding once). An image the geometry cannot take (in native geometry, a side shorter than
+        one patch) is a 400."""
+        image = decode_image(source.read(), self.config.max_image_pixels, self.config.exif_orientation)
         try:
             prepared = predictor.prepare(image)
         except ValueError as exc:
             raise ServiceError("invalid_image", str(exc)) from None
-        vocabulary = with_background(concepts)
+        vocabulary = request_vocabulary(predictor, request)
         text_embeddings = predictor.encode_vocabulary(vocabulary, self.text_cache)
         return Job(prepared=prepared, vocabulary=vocabulary, text_embeddings=text_embeddings, params=params,
-                   semantic=semantic, arrived=deadline.arrived, deadline=deadline.at)
+                   answer=request.answer_format(), arrived=deadline.arrived, deadline=deadline.at)
 
     def _finish(self, forward: ForwardPass, index: int, job: Job) -> None:
         """Image ``index`` of a forward pass: its vocabulary head and post-processing, then its JSON."""
@@ -223,12 +225,12 @@ class Engine:
             begin = time.perf_counter()
             prediction = forward.predictor.postprocess(forward.output, index, job.prepared, job.vocabulary,
                                                        job.text_embeddings, job.params,
-                                                       semantic=job.semantic != "none")
+                                                       semantic=job.answer.semantic != "none")
             done = time.perf_counter()
             timings = Timings(queue_ms=_ms(forward.started - job.enqueued),
                               inference_ms=_ms(forward.duration_s + done - begin), total_ms=_ms(done - job.arrived))
             model_id = forward.predictor.model_id
-            body = build_response(prediction, model_id, job.semantic, timings).model_dump_json()
+            body = encode_answer(prediction, model_id, job.answer, timings).model_dump_json()
             self._metrics.instances_per_image.observe(len(prediction.instances))
             job.future.set_result(Answer(body.encode(), timings, forward.size, model_id))
         except BaseException as exc:  # noqa: BLE001 - delivered to the request
@@ -246,8 +248,9 @@ class Engine:
         predictor = self._loader()
         self._predictor = predictor
         self._load_s = time.perf_counter() - start
-        log.info("loaded %s on %s (%s) in %.1f s; warming up at batch sizes 1..%d", predictor.model_id,
-                 predictor.device, str(predictor.dtype).removeprefix("torch."), self._load_s,
+        log.info("loaded %s on %s (%s: %s; runtime %s: %s) in %.1f s; warming up at batch sizes 1..%d",
+                 predictor.model_id, predictor.device, str(predictor.dtype).removeprefix("torch."),
+                 predictor.dtype_reason, predictor.runtime, predictor.runtime_reason, self._load_s,
                  self.config.max_batch_size)
         self._admission.phase = EngineState.WARMING
         return predictor
@@ -259,24 +262,39 @@ class Engine:
         pixels = np.random.default_rng(0).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
         prepared = predictor.prepare(pixels)
         vocabulary, text = predictor.encode_concepts(list(WARMUP_CONCEPTS))
-        for batch_size in range(1, self.config.max_batch_size + 1):
+        # OpenVINO runs a batch one image at a time through one compiled network: batch size 1 warms it all.
+        largest = 1 if predictor.runtime == "openvino" else self.config.max_batch_size
+        for batch_size in range(1, largest + 1):
             begin = time.perf_counter()
             output = predictor.forward([prepared] * batch_size)
-            log.info("warm-up: batch size %d/%d in %.2f s", batch_size, self.config.max_batch_size,
+            log.info("warm-up: batch size %d/%d in %.2f s", batch_size, largest,
                      time.perf_counter() - begin)
         prediction = predictor.postprocess(output, 0, prepared, vocabulary, text, predictor.params())
-        build_response(prediction, predictor.model_id, "png").model_dump_json()
+        encode_answer(prediction, predictor.model_id).model_dump_json()
         self._admission.phase = EngineState.READY
         log.info("ready: %s on %s, batches up to %d (load %.1f s, warm-up %.1f s)", predictor.model_id,
                  predictor.device, self.config.max_batch_size, self._load_s, time.perf_counter() - start)
 
     def _fail(self, exc: BaseException) -> None:
         """The model failed to load or warm up: ``failed``, reported through /healthz and ``on_fatal``."""
-        log.error("the model failed to load or warm up", exc_info=exc)
+        if isinstance(exc, FetchError):  # one line naming the URL and what was wrong; a traceback adds nothing
+            log.error("could not fetch the model: %s", exc)
+        else:
+            log.error("the model failed to load or warm up", exc_info=exc)
         self.error = exc
         self._admission.phase = EngineState.FAILED
         if self._on_fatal is not None:
             self._on_fatal(exc)
+
+
+def request_vocabulary(predictor: Predictor, request: SegmentRequest) -> list[str]:
+    """The vocabulary a request names, background first: its concepts, or a named vocabulary (``checkpoint``: the
+    one the checkpoint was trained or converted with), its names used as they are."""
+    if request.vocabulary is None:
+        return with_background(request.concepts or ())
+    if request.vocabulary == "checkpoint":
+        return list(predictor.metadata.vocabulary)
+    return load_vocabulary(request.vocabulary)
 
 
 async def await_answer(batcher: Batcher, job: Job, timeout_s: float,

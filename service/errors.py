@@ -5,10 +5,12 @@ comes from a ``ServiceError`` raised inside, from FastAPI's own request validati
 from an unexpected exception (500, details only in the log).
 
 Status policy: 400 a request that cannot be parsed or an image that cannot be decoded; 401 a missing or wrong
-API key; 404/405 routing; 413 a body or an image over the limits; 415 an upload that is not an image in a
-supported format; 422 a missing field or a bad parameter value (FastAPI's convention, used for all of them); 431
-a request line plus headers over the limit (answered by service.protocol, before the app, in the same shape);
-499 the client went away (logged and counted, nobody reads it); 503 not ready, draining or overloaded, with
+API key; 404/405 routing; 408 a request head or body that did not arrive in time (answered by service.protocol,
+before the app, in the same shape, then the connection is closed); 413 a body or an image over the limits; 415
+an upload that is not an image in a supported format; 422 a missing field or a bad parameter value (FastAPI's
+convention, used for all of them); 431 a request line plus headers over the limit (answered by service.protocol,
+before the app, in the same shape); 499 the client went away (logged and counted, nobody reads it); 503 not
+ready, draining or overloaded (the queue, or open connections: the latter answered by service.protocol), with
 ``Retry-After``; 504 the request's deadline passed.
 """
 
@@ -34,6 +36,7 @@ ERROR_STATUS: dict[str, int] = {
     "method_not_allowed": 405,
     "body_too_large": 413,
     "image_too_large": 413,
+    "request_timeout": 408,
     "unsupported_media_type": 415,
     "headers_too_large": 431,
     "invalid_request": 422,
@@ -42,6 +45,7 @@ ERROR_STATUS: dict[str, int] = {
     "not_ready": 503,
     "draining": 503,
     "queue_full": 503,
+    "too_many_connections": 503,
     "deadline_exceeded": 504,
 }
 
@@ -88,6 +92,9 @@ def describe_validation_error(exc: RequestValidationError) -> str:
 
 # Set in the request scope by the body-size middleware: the app's own error about the cut body is not counted.
 BODY_LIMIT_SCOPE_KEY = "zutis.body_limit_exceeded"
+# Set in the request scope by service.protocol when it answered the request itself (408 while the app waited for
+# the body): the status the client got, which the request metrics count instead of the app's unsent answer.
+PROTOCOL_STATUS_SCOPE_KEY = "zutis.protocol_status"
 
 
 def _count_rejection(request: Request, type: str) -> None:

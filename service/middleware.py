@@ -12,7 +12,7 @@ from typing import Any, Callable
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BODY_LIMIT_SCOPE_KEY, error_response
+from service.errors import BODY_LIMIT_SCOPE_KEY, PROTOCOL_STATUS_SCOPE_KEY, error_response
 from service.metrics import Metrics
 
 
@@ -91,13 +91,13 @@ def upload_paths(openapi: dict[str, Any]) -> frozenset[str]:
                      if "multipart/form-data" in operations.get("post", {}).get("requestBody", {}).get("content", {}))
 
 
-FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded", "application/json")
 
 
 class RequireMultipart:
-    """Answer 400 at once, before reading the body, when a request to an upload route is not a form (a JSON body
-    would otherwise be parsed as an empty form and answered "image: field required"). A url-encoded form passes
-    (it is answered 422, naming the missing file). ``on_reject("malformed_request")`` counts it."""
+    """Answer 400 at once, before reading the body, when a request to an upload route is neither a form nor JSON
+    (it would otherwise be parsed as an empty form and answered "image: field required"). A url-encoded form
+    passes (it is answered 422, naming the missing file). ``on_reject("malformed_request")`` counts it."""
 
     def __init__(self, app: ASGIApp, paths: frozenset[str], on_reject: Callable[[str], None]) -> None:
         self.app = app
@@ -116,7 +116,8 @@ class RequireMultipart:
         self.on_reject("malformed_request")
         got = f"Content-Type {media_type!r}" if media_type else "no Content-Type"
         message = (f"POST {scope['path']} takes a multipart/form-data body (an 'image' file and 'concepts' fields, "
-                   f"as curl -F sends them); the request has {got}")
+                   f"as curl -F sends them) or an application/json body ({{\"image\": \"<base64>\", "
+                   f"\"concepts\": [...]}}); the request has {got}")
         await error_response("malformed_request", message, {"Connection": "close"})(scope, receive, send)
 
 
@@ -147,6 +148,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, recording_send)
         finally:
+            status = scope.get(PROTOCOL_STATUS_SCOPE_KEY, status)  # answered by the HTTP layer instead (408)
             route = getattr(scope.get("route"), "path", None)
             if route is None:  # refused before routing (413 on Content-Length) or no such route
                 route = scope["path"] if scope["path"] in self.timed_routes else "unmatched"

@@ -10,12 +10,14 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.dtypes import DtypeName
+from model.runtime import RuntimeName
 
 DEFAULT_CHECKPOINT = Path("weights/zutis-shapes.safetensors")
+ZOO_PREFIX = "zoo:"  # ZUTIS_CHECKPOINT=zoo:NAME (model.zoo.ZOO_PREFIX; not imported: settings load before torch)
 MiB = 1024 * 1024
 
 
@@ -26,17 +28,30 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ZUTIS_", env_ignore_empty=True, extra="forbid", frozen=True)
 
     # -- model ------------------------------------------------------------------------------------------------
-    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint file (our safetensors format); a relative "
-                                                             "path is relative to the working directory")
+    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint file (our safetensors format; a relative "
+                                                             "path is relative to the working directory), or "
+                                                             "zoo:NAME, a model of the zoo fetched into "
+                                                             "ZUTIS_CACHE_DIR at start-up (python -m model.fetch)")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     dtype: DtypeName = Field(
-        "auto", description="compute precision: auto is float32 on CPU and float16 autocast on CUDA")
+        "auto", description="compute precision: auto is bfloat16 on a CPU with native bfloat16 (AMX or AVX-512 "
+                            "BF16), float32 on other CPUs, float16 autocast on CUDA; float32 reproduces the "
+                            "official code exactly")
     input_size: int | None = Field(None, ge=8, description="letterbox size S, or the longer-side cap in native "
                                                            "geometry; default: the checkpoint's")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (process-wide); default: "
                                                               "torch's own choice (the cores)")
     flush_denormal: bool = Field(True, description="flush denormal floats to zero in the model's threads "
                                                    "(CPU speed; see docs/shapes-notes)")
+    runtime: RuntimeName = Field("auto", description="what runs the image network: torch, openvino (CPU only) or "
+                                                     "auto (OpenVINO on a CPU when installed, torch on a GPU)")
+
+    # -- model zoo (ZUTIS_CHECKPOINT=zoo:NAME) -----------------------------------------------------------------
+    cache_dir: Path = Field(Path("~/.cache/zutis"), description="files made once and reused: zoo models downloaded "
+                                                                "and converted (shared with python -m model.fetch), "
+                                                                "and the OpenVINO export of a checkpoint")
+    zoo_manifest: Path | None = Field(None, description="a zoo manifest (JSON) replacing the built-in one: a private "
+                                                        "mirror's URLs and hashes, or private models")
 
     # -- batching ---------------------------------------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, le=64, description="most images in one forward pass")
@@ -68,10 +83,24 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0.0, description="deadline of a request from its arrival; past it "
                                                                "the answer is 504")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of 503 answers, in seconds")
+    head_timeout_s: float = Field(10.0, gt=0.0, description="longest wait for a request's line and headers, from "
+                                  "the connection's opening or the request's first byte; then 408 and close")
+    body_idle_timeout_s: float = Field(10.0, gt=0.0, description="longest pause inside a request body (no byte "
+                                       "arriving); then 408 and close")
+    body_timeout_s: float = Field(60.0, gt=0.0, description="longest time to receive a whole request body, from "
+                                  "the end of its headers; then 408 and close")
+    max_connections: int | None = Field(None, ge=1, description="most open client connections; one more is "
+                                        "answered 503 and closed; default: sized from the open-file limit "
+                                        "(RLIMIT_NOFILE soft limit less a reserve for the process's own files)")
 
     # -- images -----------------------------------------------------------------------------------------------
     exif_orientation: bool = Field(True, description="turn photos upright by their EXIF orientation before "
                                                      "segmenting (answers in the frame a person sees)")
+    image_url_hosts: str = Field("", description="comma-separated host names (or addresses, or CIDR networks) "
+                                 "that a request's image_url may name; empty: image_url is off. Loopback, private "
+                                 "and link-local addresses are refused unless listed as addresses or networks")
+    image_url_timeout_s: float = Field(10.0, gt=0.0, le=300.0, description="longest fetch of an image_url, "
+                                       "redirects included, in seconds")
 
     # -- security ---------------------------------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="when set, /segment and /info need it as "
@@ -85,6 +114,23 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(0.0, ge=0.0, description="after SIGTERM, seconds during which /readyz is 503 but "
                                                           "new requests are still accepted (endpoint removal)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @model_validator(mode="after")
+    def _zoo_name_given(self) -> Settings:
+        if str(self.checkpoint) == ZOO_PREFIX:
+            raise ValueError(f"ZUTIS_CHECKPOINT={self.checkpoint}: name a zoo model after '{ZOO_PREFIX}', e.g. "
+                             f"{ZOO_PREFIX}coco-vit-b16 (python -m model.fetch --list shows them)")
+        return self
+
+    def zoo_model(self) -> str | None:
+        """The zoo model's name when ``ZUTIS_CHECKPOINT`` is ``zoo:NAME``; None for a checkpoint file."""
+        value = str(self.checkpoint)
+        return value[len(ZOO_PREFIX):] if value.startswith(ZOO_PREFIX) else None
 
     @model_validator(mode="after")
     def _grace_within_drain(self) -> Settings:
@@ -104,7 +150,15 @@ class Settings(BaseSettings):
             "max_header_bytes": self.max_header_bytes,
             "request_timeout_s": self.request_timeout_s,
             "queue_size": self.queue_size,
+            "head_timeout_s": self.head_timeout_s,
+            "body_idle_timeout_s": self.body_idle_timeout_s,
+            "body_timeout_s": self.body_timeout_s,
+            "max_connections": self.connection_limit(),
         }
+
+    def image_url_host_list(self) -> list[str]:
+        """``image_url_hosts`` as a list (blanks dropped)."""
+        return [h.strip() for h in self.image_url_hosts.split(",") if h.strip()]
 
     def batching(self) -> dict[str, int | float]:
         """The batching knobs, as /info reports them."""
@@ -117,6 +171,13 @@ class Settings(BaseSettings):
             "text_cache_size": self.text_cache_size,
         }
 
+    def connection_limit(self) -> int:
+        """Open client connections allowed: the setting, else the open-file soft limit less a reserve (an eighth,
+        at least 64) for what the process itself opens (checkpoint, libraries, pipes, threads' files)."""
+        if self.max_connections is not None:
+            return self.max_connections
+        return default_connection_limit()
+
     def workers(self) -> int:
         """Post-processing threads: the setting, else the CPU cores this process may run on."""
         if self.postprocess_workers is not None:
@@ -125,6 +186,19 @@ class Settings(BaseSettings):
             return max(1, len(os.sched_getaffinity(0)))
         except AttributeError:  # no sched_getaffinity (macOS)
             return max(1, os.cpu_count() or 1)
+
+
+def default_connection_limit() -> int:
+    """The open-file soft limit (RLIMIT_NOFILE) less an eighth of it (at least 64) kept for the process's own
+    files; 1,000,000 when the limit is infinite or unknown (Windows)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return 1_000_000
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return 1_000_000
+    return max(1, soft - max(64, soft // 8))
 
 
 def describe_settings_error(error: ValidationError) -> str:

@@ -12,6 +12,7 @@ used.
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -50,7 +51,7 @@ def decode_image(data: bytes, max_pixels: int, exif_orientation: bool = True) ->
         raise ServiceError("unsupported_media_type", "the upload is not an image in a supported format "
                            f"({', '.join(SUPPORTED_FORMATS)})") from None
     except Image.DecompressionBombError as exc:
-        raise ServiceError("image_too_large", f"the image has too many pixels ({exc})") from None
+        raise too_many_pixels(exc, max_pixels) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ServiceError("invalid_image", f"the image header could not be read ({exc})") from None
     if FORMAT_VARIANTS.get(image.format, image.format) not in SUPPORTED_FORMATS:
@@ -69,9 +70,23 @@ def decode_image(data: bytes, max_pixels: int, exif_orientation: bool = True) ->
             image = apply_exif_orientation(image)
         return to_rgb(image)
     except Image.DecompressionBombError as exc:
-        raise ServiceError("image_too_large", f"the image has too many pixels ({exc})") from None
+        raise too_many_pixels(exc, max_pixels) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ServiceError("invalid_image", f"the {image.format} image could not be decoded ({exc})") from None
+
+
+def too_many_pixels(exc: Image.DecompressionBombError, max_pixels: int) -> ServiceError:
+    """413 for an image Pillow refused as a decompression bomb (over twice its own ``Image.MAX_IMAGE_PIXELS``,
+    before the service's check could run), quoting the service's limit, not Pillow's."""
+    match = re.search(r"\((\d+) pixels\)", str(exc))
+    if match is None:
+        return ServiceError("image_too_large", f"the image has more pixels than the limit of {max_pixels:,}")
+    pixels = int(match.group(1))
+    if pixels > max_pixels:
+        return ServiceError("image_too_large", f"the image is {pixels:,} pixels; the limit is {max_pixels:,}")
+    # Only when ZUTIS_MAX_IMAGE_PIXELS is set above what Pillow decodes at all.
+    return ServiceError("image_too_large", f"the image is {pixels:,} pixels, more than the image decoder accepts "
+                        f"({2 * (Image.MAX_IMAGE_PIXELS or 0):,}), although within the limit of {max_pixels:,}")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -23,7 +23,9 @@ def running_service(log: Path, checkpoint: Path = SHIPPED_CHECKPOINT, **settings
     end. The caller's own ``ZUTIS_*`` variables are not passed on."""
     port = free_port()
     process = start_service(checkpoint, port, log, extra_env={"OMP_WAIT_POLICY": "PASSIVE"},
-                            **{"device": "cpu", "torch_threads": 1, "max_batch_size": 1, **settings})
+                            **{"device": "cpu", "torch_threads": 1, "max_batch_size": 1,
+                               "cache_dir": str(log.parent / "zutis-cache"),  # not the user's ~/.cache
+                               **settings})
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, READY_TIMEOUT_S, "service ready", process,

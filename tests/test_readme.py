@@ -22,3 +22,22 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in readme.splitlines() if "pytest" in line and line.startswith("python3 -m venv"))
     assert command in ci.splitlines()
+
+
+def test_files_the_readme_examples_write_stay_out_of_git(tmp_path):
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    text = (ROOT / "README.md").read_text() + (ROOT / "client" / "README.md").read_text()
+    # The pictures and results of the usage examples (not the training commands' checkpoints and reports).
+    written = set(re.findall(r"--overlay(?:-dir)? ([^\s\]]+)", text)) | set(re.findall(r"\.save\(\"([^\"]+)\"\)", text))
+    written |= {path for path in re.findall(r"--out ([^\s\]]+)", text) if path.startswith("results")}
+    assert {"overlay.png", "results.json", "overlays/"} <= written, written
+    inside = [path for path in written if not path.startswith("/") and not path.isupper()]  # DIR: a placeholder
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *inside], cwd=ROOT, capture_output=True,
+                             text=True).stdout.split()
+    assert sorted(ignored) == sorted(inside), f"written into the checkout, not ignored: {set(inside) - set(ignored)}"

@@ -5,11 +5,11 @@ Needs httpx, numpy and pillow (no torch). ``AsyncClient`` is the asyncio twin; e
 """
 
 from zutis_client.client import DEFAULT_URL, AsyncClient, Client
-from zutis_client.errors import ZutisError
+from zutis_client.errors import ZutisError, ZutisUsageError
 from zutis_client.result import Instance, SegmentResult
 from zutis_client.retry import RetryPolicy
 from zutis_client.rle import decode_rle
 
 __version__ = "0.1.0"
 __all__ = ["AsyncClient", "Client", "DEFAULT_URL", "Instance", "RetryPolicy", "SegmentResult", "ZutisError",
-           "decode_rle"]
+           "ZutisUsageError", "decode_rle"]

@@ -6,8 +6,11 @@
 
 The URL defaults to ``$ZUTIS_URL`` or http://127.0.0.1:8000, the key to ``$ZUTIS_API_KEY``. Writes every answer
 as JSON (``{"results": [{"image", "answer"} | {"image", "error"}]}``) or, with ``--coco-results``, one COCO results
-list that ``pycocotools`` scores. Exit status: 0 when every image was answered, 1 when some failed (the others are
-still written), 2 for bad arguments.
+list that ``pycocotools`` scores. One record per image, whatever happened to it: a failure (the request, the file,
+the overlay) is recorded with its own type and message and never stops the others; ``--out`` is written atomically,
+also when some images failed or the run was interrupted (Ctrl-C: unfinished images are recorded as
+``interrupted``). Exit status: 0 when every image was answered, 1 when some failed (the others are still written),
+2 for bad arguments, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,8 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     seg = commands.add_parser("segment", help="segment images or folders of images")
     seg.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
-    seg.add_argument("--concepts", nargs="+", required=True,
-                     help="concept names; several arguments and/or comma-separated")
+    seg.add_argument("--concepts", nargs="+",
+                     help="concept names; several arguments and/or comma-separated (or --vocabulary)")
+    seg.add_argument("--vocabulary", choices=["coco", "coca", "imagenet_s919", "checkpoint"],
+                     help="a named vocabulary of the service instead of --concepts")
+    seg.add_argument("--mask-format", choices=["rle", "polygon"], default="rle",
+                     help="instance masks as COCO RLE (default) or COCO polygons")
+    seg.add_argument("--polygon-tolerance", type=float, help="polygon simplification in pixels (service default 1)")
+    seg.add_argument("--json", dest="send", action="store_const", const="json", default="multipart",
+                     help="send JSON bodies (image in base64) instead of multipart forms")
     seg.add_argument("--out", type=Path, help="write the JSON here instead of standard output")
     seg.add_argument("--coco-results", action="store_true",
                      help="write one COCO results list (image_id, category_id, segmentation, bbox, score)")
@@ -126,9 +137,21 @@ def overlay_name(path: Path, taken: set[str]) -> str:
     return name
 
 
-async def segment_all(args: argparse.Namespace, images: list[Path], concepts: list[str]) -> list[dict[str, Any]]:
-    """Segment ``images`` with at most ``args.concurrency`` requests in flight; one record per image, in order."""
-    records: list[dict[str, Any]] = [{} for _ in images]
+def error_record(path: Path, exc: BaseException) -> dict[str, Any]:
+    """The ``error`` of an image's record: the failure's own type and message (``ZutisError``s keep theirs; anything
+    else is ``client_error`` naming the exception), and the HTTP status when there was an answer."""
+    if isinstance(exc, ZutisError):
+        return {"type": exc.type, "message": exc.message, "status": exc.status}
+    if isinstance(exc, OSError):
+        return {"type": "unreadable_image", "message": f"cannot read {path}: {exc.strerror or exc}", "status": None}
+    return {"type": "client_error", "message": f"{type(exc).__name__}: {exc}", "status": None}
+
+
+async def segment_all(args: argparse.Namespace, images: list[Path], concepts: list[str],
+                      records: list[dict[str, Any]]) -> None:
+    """Segment ``images`` with at most ``args.concurrency`` requests in flight, filling ``records`` (one per image,
+    in order) as answers arrive, so that an interrupted run keeps what it has. A failure of one image (its
+    request, its file, its overlay) is recorded with its own cause and never touches the others."""
     names: set[str] = set()
     overlays = [overlay_name(p, names) for p in images] if args.overlay_dir else []
     if args.overlay_dir:
@@ -140,28 +163,30 @@ async def segment_all(args: argparse.Namespace, images: list[Path], concepts: li
 
         async def one(index: int, path: Path) -> None:
             async with gate:
+                record: dict[str, Any] = {"image": str(path)}
                 try:
                     data = await asyncio.to_thread(path.read_bytes)
-                    result = await client.segment(data, concepts, score_threshold=args.score_threshold,
+                    result = await client.segment(data, concepts or None, vocabulary=args.vocabulary,
+                                                  score_threshold=args.score_threshold,
                                                   mask_threshold=args.mask_threshold, nms_iou=args.nms_iou,
-                                                  max_instances=args.max_instances)
-                    records[index] = {"image": str(path), "answer": result.raw}
+                                                  max_instances=args.max_instances, mask_format=args.mask_format,
+                                                  polygon_tolerance=args.polygon_tolerance, send=args.send)
+                    record["answer"] = result.raw
                     if args.overlay_dir:
                         picture = await asyncio.to_thread(result.overlay, data)
                         await asyncio.to_thread(picture.save, args.overlay_dir / overlays[index])
-                except ZutisError as exc:
-                    records[index] = {"image": str(path), "error": {"type": exc.type, "message": exc.message,
-                                                                    "status": exc.status}}
-                    progress.write(f"{path}: {exc}", file=sys.stderr)
-                except OSError as exc:
-                    records[index] = {"image": str(path), "error": {"type": "unreadable", "message": str(exc),
-                                                                    "status": None}}
-                    progress.write(f"{path}: {exc}", file=sys.stderr)
+                except Exception as exc:  # noqa: BLE001 - every failure is this image's, recorded with its cause
+                    record["error"] = error_record(path, exc)
+                    if "answer" in record:
+                        record["error"]["message"] = f"answered, but the overlay was not written: " \
+                                                     f"{record['error']['message']}"
+                    progress.write(f"{path}: {record['error']['message']} ({record['error']['type']})",
+                                   file=sys.stderr)
+                records[index] = record
                 progress.update(1)
 
         await asyncio.gather(*(one(i, p) for i, p in enumerate(images)))
     progress.close()
-    return records
 
 
 def coco_results(records: list[dict[str, Any]], ids: CocoIds) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -186,9 +211,16 @@ def run_segment(args: argparse.Namespace) -> int:
     if args.coco_gt is not None and not args.coco_results:
         print("zutis-client: error: --coco-gt only makes sense with --coco-results", file=sys.stderr)
         return 2
-    concepts = split_concepts(args.concepts)
-    if not concepts:
+    if (args.concepts is None) == (args.vocabulary is None):
+        print("zutis-client: error: give --concepts or --vocabulary (one of them)", file=sys.stderr)
+        return 2
+    concepts = split_concepts(args.concepts or [])
+    if args.concepts is not None and not concepts:
         print("zutis-client: error: --concepts has no concept names", file=sys.stderr)
+        return 2
+    if args.vocabulary is not None and args.coco_results and args.coco_gt is None:
+        print("zutis-client: error: --coco-results with --vocabulary needs --coco-gt (category ids by name)",
+              file=sys.stderr)
         return 2
     try:
         images = find_images(args.inputs)
@@ -199,21 +231,47 @@ def run_segment(args: argparse.Namespace) -> int:
     if not images:
         print("zutis-client: error: no images found in the inputs", file=sys.stderr)
         return 2
-    records = asyncio.run(segment_all(args, images, concepts))
+    records: list[dict[str, Any]] = [{} for _ in images]
+    interrupted = False
+    try:
+        asyncio.run(segment_all(args, images, concepts, records))
+    except KeyboardInterrupt:
+        interrupted = True
+    for path, record in zip(images, records):
+        if not record:  # not finished when the run was interrupted
+            record.update(image=str(path), error={"type": "interrupted", "message": "the run was interrupted "
+                                                  "before this image was answered", "status": None})
     failed = [r for r in records if "error" in r]
     if ids is not None:
         output: Any
         output, failed = coco_results(records, ids)
     else:
         output = {"url": args.url, "concepts": concepts, "results": records}
-    text = json.dumps(output)
+        if args.vocabulary is not None:
+            output["vocabulary"] = args.vocabulary
+    text = json.dumps(output) + "\n"
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
+        write_atomically(args.out, text)
     else:
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(text)
     print(f"zutis-client: {len(images) - len(failed)} of {len(images)} image(s) answered", file=sys.stderr)
-    return 1 if failed else 0
+    return 130 if interrupted else 1 if failed else 0
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename: a reader (or a crash)
+    sees the old file or the whole new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

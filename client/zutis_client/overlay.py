@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw
 
+from zutis_client.errors import ZutisUsageError
+from zutis_client.upload import ImageInput, pictures_as_sent
+
 if TYPE_CHECKING:
     from zutis_client.result import SegmentResult
 
@@ -18,16 +21,33 @@ PALETTE = (
 )
 
 
-def draw_overlay(image: Image.Image, result: SegmentResult, alpha: float = 0.5, labels: bool = True) -> Image.Image:
-    """A copy of ``image`` (RGB, the size of the answer) with each instance's mask blended at ``alpha`` in its
-    own colour, the best-scoring instance on top, and (``labels``) its box and "concept score" drawn.
+def overlay_image(image: ImageInput, result: SegmentResult, alpha: float = 0.5, labels: bool = True) -> Image.Image:
+    """``draw_overlay`` on the picture the service segmented in ``image`` (a path, bytes, a file, a PIL image or
+    an array, as sent): a photo is turned upright by its EXIF orientation as the service does, or left in its
+    stored grid when that is the size the answer describes (a service run with ``ZUTIS_EXIF_ORIENTATION=false``).
+    A square photo whose orientation swaps its axes is drawn upright (the service's default).
 
     Raises:
-        ValueError: ``image`` is not the size the answer describes.
+        ZutisUsageError: ``image_mismatch`` (not the image that was sent), ``unreadable_image``.
+    """
+    pictures = pictures_as_sent(image)
+    for picture in pictures:
+        if picture.size == (result.width, result.height):
+            return draw_overlay(picture, result, alpha=alpha, labels=labels)
+    return draw_overlay(pictures[0], result, alpha=alpha, labels=labels)  # raises image_mismatch
+
+
+def draw_overlay(image: Image.Image, result: SegmentResult, alpha: float = 0.5, labels: bool = True) -> Image.Image:
+    """A copy of ``image`` (RGB, the size of the answer, upright as the service saw it) with each instance's mask
+    blended at ``alpha`` in its own colour, the best-scoring instance on top, and (``labels``) its box and
+    "concept score" drawn.
+
+    Raises:
+        ZutisUsageError: ``image_mismatch``: ``image`` is not the size the answer describes (also a ValueError).
     """
     if image.size != (result.width, result.height):
-        raise ValueError(f"the image is {image.size[0]} x {image.size[1]}, the answer {result.width} x "
-                         f"{result.height}: overlay the image that was sent")
+        raise ZutisUsageError("image_mismatch", f"the image is {image.size[0]} x {image.size[1]}, the answer "
+                              f"{result.width} x {result.height}: overlay the image that was sent")
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     for index in reversed(range(len(result.instances))):
         mask = result.instances[index].mask

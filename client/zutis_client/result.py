@@ -5,14 +5,19 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image
 
+from zutis_client.errors import ZutisError, ZutisUsageError
+from zutis_client.polygon import decode_polygons
 from zutis_client.rle import decode_rle
+
+Segmentation = Union[Mapping[str, Any], Sequence[Sequence[float]]]  # COCO RLE, or COCO polygons
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,10 @@ class Instance:
         score: confidence in [0, 1].
         bbox: ``[x, y, width, height]`` in pixels (COCO).
         area: mask area in pixels.
-        segmentation: the COCO compressed RLE, ``{"size": [h, w], "counts": str}``.
+        segmentation: the COCO compressed RLE, ``{"size": [h, w], "counts": str}`` (``mask_format="rle"``, the
+            default), or COCO polygons ``[[x1, y1, x2, y2, ...], ...]`` (``mask_format="polygon"``: one ring per
+            connected part, holes filled).
+        image_hw: ``(height, width)`` of the image, which polygons need to become a mask.
     """
 
     concept: str
@@ -33,18 +41,30 @@ class Instance:
     score: float
     bbox: tuple[float, float, float, float]
     area: int
-    segmentation: Mapping[str, Any]
+    segmentation: Segmentation
+    image_hw: tuple[int, int] | None = None
+
+    @property
+    def mask_format(self) -> str:
+        """``rle`` or ``polygon``: how ``segmentation`` encodes the mask."""
+        return "rle" if isinstance(self.segmentation, Mapping) else "polygon"
 
     @cached_property
     def mask(self) -> np.ndarray:
-        """The mask, bool ``(H, W)``, decoded from the RLE on first use."""
-        return decode_rle(self.segmentation)
+        """The mask, bool ``(H, W)``, decoded from the RLE or the polygons on first use."""
+        if isinstance(self.segmentation, Mapping):
+            return decode_rle(self.segmentation)
+        if self.image_hw is None:
+            raise ZutisUsageError("invalid_argument", "polygons need the image size: build the instance with image_hw")
+        return decode_polygons(self.segmentation, self.image_hw)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Instance:
+    def from_json(cls, data: Mapping[str, Any], image_hw: tuple[int, int] | None = None) -> Instance:
+        segmentation = data["segmentation"]
         return cls(concept=data["concept"], concept_index=int(data["concept_index"]), score=float(data["score"]),
                    bbox=tuple(float(v) for v in data["bbox"]), area=int(data["area"]),  # type: ignore[arg-type]
-                   segmentation=dict(data["segmentation"]))
+                   segmentation=dict(segmentation) if isinstance(segmentation, Mapping)
+                   else [list(ring) for ring in segmentation], image_hw=image_hw)
 
 
 @dataclass(frozen=True)
@@ -69,9 +89,20 @@ class SegmentResult:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SegmentResult:
-        return cls(model=data["model"], width=int(data["image"]["width"]), height=int(data["image"]["height"]),
-                   concepts=list(data["concepts"]), instances=[Instance.from_json(i) for i in data["instances"]],
-                   timings=dict(data.get("timings") or {}), raw=data)
+        """The typed answer of the service's JSON.
+
+        Raises:
+            ZutisError: ``invalid_answer``, the JSON is not a segmentation answer (a field missing or of the
+                wrong type): a proxy's or another service's answer, never a transport failure.
+        """
+        try:
+            hw = (int(data["image"]["height"]), int(data["image"]["width"]))
+            return cls(model=data["model"], width=hw[1], height=hw[0], concepts=list(data["concepts"]),
+                       instances=[Instance.from_json(i, hw) for i in data["instances"]],
+                       timings=dict(data.get("timings") or {}), raw=data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ZutisError("invalid_answer", f"the answer is not a segmentation answer ({type(exc).__name__}: "
+                                               f"{exc})") from exc
 
     def masks(self) -> np.ndarray:
         """Every instance's mask, bool ``(N, H, W)`` in the order of ``instances``."""
@@ -94,17 +125,17 @@ class SegmentResult:
             for segment in semantic["segments"] or []:
                 indices[decode_rle(segment["segmentation"])] = int(segment["concept_index"])
         if indices.shape != (self.height, self.width):
-            raise ValueError(f"semantic map of shape {indices.shape}, image {self.height} x {self.width}")
+            raise ZutisError("invalid_answer", f"semantic map of shape {indices.shape}, image "
+                                               f"{self.height} x {self.width}")
         return indices
 
     def overlay(self, image: Any, alpha: float = 0.5, labels: bool = True) -> Image.Image:
         """The image with every instance's mask blended in its own colour, outlined by its box and labelled
         with concept and score. ``image``: a path, bytes, a PIL image or an ``(H, W, 3)`` uint8 array of the
         image that was sent."""
-        from zutis_client.overlay import draw_overlay
-        from zutis_client.upload import open_image
+        from zutis_client.overlay import overlay_image
 
-        return draw_overlay(open_image(image), self, alpha=alpha, labels=labels)
+        return overlay_image(image, self, alpha=alpha, labels=labels)
 
     def to_coco(self, image_id: int, category_ids: Mapping[str, int]) -> list[dict[str, Any]]:
         """The instances as COCO results records (``image_id``, ``category_id``, ``segmentation``, ``bbox``,
@@ -114,5 +145,7 @@ class SegmentResult:
         Raises:
             KeyError: an instance's concept has no category id.
         """
-        return [{"image_id": image_id, "category_id": category_ids[i.concept], "segmentation": dict(i.segmentation),
+        return [{"image_id": image_id, "category_id": category_ids[i.concept],
+                 "segmentation": dict(i.segmentation) if isinstance(i.segmentation, Mapping)
+                 else [list(ring) for ring in i.segmentation],
                  "bbox": list(i.bbox), "score": i.score} for i in self.instances]

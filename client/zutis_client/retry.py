@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from zutis_client.errors import ZutisError
+from zutis_client.errors import ZutisError, ZutisUsageError
 
 RETRYABLE_STATUS = 503  # not ready, draining or queue full: the service says when to come back (Retry-After)
 
@@ -30,7 +30,7 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.retries < 0 or self.max_wait_s < 0 or self.backoff_s < 0:
-            raise ValueError(f"retries, max_wait_s and backoff_s must be >= 0: {self}")
+            raise ZutisUsageError("invalid_argument", f"retries, max_wait_s and backoff_s must be >= 0: {self}")
 
     def delay_s(self, response: httpx.Response, attempt: int) -> float | None:
         """Seconds to wait before retrying ``response`` (the answer to attempt ``attempt``, 0-based), or None when

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from zutis_client.errors import ZutisUsageError
+
 
 def decode_counts(counts: str) -> list[int]:
     """The run lengths of pycocotools' string form of ``counts``.
@@ -40,13 +42,13 @@ def decode_rle(rle: Mapping[str, Any]) -> np.ndarray:
     Runs alternate background/foreground, starting with background, over the pixels in column-major order.
 
     Raises:
-        ValueError: the runs do not add up to ``h * w``.
+        ZutisUsageError: ``invalid_argument``, the runs do not add up to ``h * w`` (also a ValueError).
     """
     height, width = (int(v) for v in rle["size"])
     counts = rle["counts"]
     runs = decode_counts(counts if isinstance(counts, str) else counts.decode("ascii"))
     if sum(runs) != height * width or min(runs, default=0) < 0:
-        raise ValueError(f"RLE runs add up to {sum(runs)} pixels, not {height} x {width}")
+        raise ZutisUsageError("invalid_argument", f"RLE runs add up to {sum(runs)} pixels, not {height} x {width}")
     values = np.arange(len(runs)) % 2 == 1
     flat = np.repeat(values, runs)
     return flat.reshape(width, height).T.copy()

@@ -37,7 +37,7 @@ def truth_prediction(coco: dict[str, Any], image: dict[str, Any], vocabulary: Se
         name = names[ann["category_id"]]
         area = int(mask_utils.area(ann["segmentation"]))
         instances.append(InstancePrediction(list(vocabulary).index(name), name, 1.0, tuple(ann["bbox"]), area,
-                                            ann["segmentation"]))
+                                            mask_utils.decode(ann["segmentation"]).astype(bool)))
     return Prediction((image["height"], image["width"]), list(vocabulary), instances, None)
 
 
@@ -93,16 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _scaled(prediction: Any, scale: int) -> Any:
     """``prediction`` with every mask and box upscaled ``scale`` x (nearest), for drawing on an upscaled image."""
     from model.postprocess import InstancePrediction, Prediction
-    from model.rle import decode_rle, encode_masks
-
     h, w = prediction.image_hw
     instances = []
     for inst in prediction.instances:
-        mask = decode_rle(inst.segmentation).astype(bool).repeat(scale, 0).repeat(scale, 1)
-        (rle,) = encode_masks(mask[None])
+        mask = np.asarray(inst.mask).astype(bool).repeat(scale, 0).repeat(scale, 1)
         x, y, bw, bh = inst.bbox_xywh
         instances.append(InstancePrediction(inst.concept_index, inst.concept, inst.score,
-                                            (x * scale, y * scale, bw * scale, bh * scale), int(mask.sum()), rle))
+                                            (x * scale, y * scale, bw * scale, bh * scale), int(mask.sum()), mask))
     return Prediction((h * scale, w * scale), prediction.concepts, instances, None)
 
 

@@ -27,7 +27,8 @@ def export(path: Path, model: torch.nn.Module, text_tower: torch.nn.Module, cfg:
     metadata = CheckpointMetadata(model_id=path.stem if cfg.export_path else (path.parent.name or "zutis"),
                                   model_config=cfg.model,
                                   vocabulary=["background", *(cfg.export_vocabulary or cfg.vocabulary)],
-                                  inference=InferenceParams.from_dict(cfg.inference), provenance=provenance)
+                                  inference=InferenceParams.from_dict(cfg.inference), provenance=provenance,
+                                  trained_concepts=list(cfg.vocabulary))
     timings = provenance.setdefault("timings_seconds", {})
 
     def save() -> None:

@@ -1,69 +1,93 @@
-"""POST /segment: one image and a concept list in, instances and a semantic map out (``SegmentResponse``).
+"""POST /segment: one image and a concept list (or a named vocabulary) in, instances and a semantic map out.
 
-The route parses and checks the form, then makes one call, ``Engine.segment``; everything from admission to the
-encoded answer happens there.
+Two bodies, the same fields (``service.request``): a multipart form (``curl -F image=@photo.jpg -F
+concepts=cat``) or a JSON object (``{"image": "<base64 or data URI>", "concepts": ["cat"]}``). The route builds the
+typed request at the edge, then makes one call, ``Engine.segment``; everything from admission to the encoded answer
+happens there.
 """
 
 from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Annotated, Literal
+from typing import Any
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service.auth import ApiKey
-from service.concepts import parse_concepts
 from service.dependencies import EngineDep, SettingsDep
-from service.engine import Deadline
-from service.errors import ErrorBody, ServiceError
+from service.engine import Answer, Deadline
+from service.errors import ErrorBody
+from service.image_url import UrlImage, UrlPolicy, check_url
+from service.request import (ImageSource, Limits, SegmentFormBody, SegmentJSONBody, SegmentRequest, parse_form,
+                             parse_json)
 from service.schema import SegmentResponse
+from service.settings import Settings
 
 router = APIRouter()
 
+JSON_MEDIA_TYPE = "application/json"
+
 _ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in {
-    400: "the body could not be parsed, or the image could not be decoded",
+    400: "the body could not be parsed, the image could not be decoded, bad base64, or image_url not fetched",
     401: "missing or wrong API key",
     413: "body or image over the limits",
-    415: "not an image in a supported format",
-    422: "missing field or bad parameter value",
+    415: "not an image in a supported format (or a data URI of another type)",
+    422: "missing, unknown or repeated field, or a bad parameter value (the field is named)",
     503: "not ready, draining, or at capacity (see Retry-After)",
     504: "the request's deadline passed",
 }.items()}
 
 
+def _body_schema(model: type[SegmentRequest], binary_image: bool) -> dict[str, Any]:
+    """The OpenAPI schema of one request body (no references: every field is a plain value)."""
+    schema = model.model_json_schema()
+    if binary_image:  # a file input in /docs
+        schema["properties"]["image"] = {"type": "string", "format": "binary",
+                                         "description": "the image file (PNG, JPEG, WebP, BMP, GIF, TIFF)"}
+    return schema
+
+
+REQUEST_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": _body_schema(SegmentFormBody, binary_image=True)},
+    JSON_MEDIA_TYPE: {"schema": _body_schema(SegmentJSONBody, binary_image=False)},
+}}}
+
+
 @router.post("/segment", response_model=SegmentResponse, responses=_ERRORS, summary="Segment an image",
-             description="Instances (COCO RLE) and a semantic map for any list of concepts. Requests with "
-                         "different concepts share batched forward passes. Queue and inference time are also "
-                         "returned as the `x-queue-time`, `x-inference-time` and `x-total-time` headers (ms).")
-async def segment(
-    request: Request,
-    engine: EngineDep,
-    settings: SettingsDep,
-    _: ApiKey,
-    image: Annotated[UploadFile, File(description="the image (PNG, JPEG, WebP, BMP, GIF, TIFF)")],
-    concepts: Annotated[list[str], Form(description="concept names: repeat the field and/or separate with "
-                                                    "commas; 'background' is always added as concept 0")],
-    # allow_inf_nan=False: "nan" is answered "should be a finite number", not "should be less than or equal to 1".
-    score_threshold: Annotated[float | None, Form(allow_inf_nan=False, ge=0.0, le=1.0,
-                                                  description="minimum instance score")] = None,
-    mask_threshold: Annotated[float | None, Form(allow_inf_nan=False, ge=0.0, lt=1.0,
-                                                 description="mask probability cut")] = None,
-    nms_iou: Annotated[float | None, Form(allow_inf_nan=False, ge=0.0, le=1.0,
-                                          description="class-wise mask NMS IoU")] = None,
-    max_instances: Annotated[int | None, Form(ge=0, description="most instances returned")] = None,
-    semantic: Annotated[Literal["png", "rle", "none"], Form(description="semantic map encoding")] = "png",
-) -> Response:
+             openapi_extra=REQUEST_BODY,
+             description="Instances (COCO RLE or polygons) and a semantic map for any list of concepts, or a named "
+                         "vocabulary. The body is a multipart form (image as a file) or a JSON object (image as "
+                         "base64 or a data URI); the body limit applies to the body as sent (base64 is about 4/3 "
+                         "of the file). Requests with different concepts share batched forward passes. Queue and "
+                         "inference time are also returned as the `x-queue-time`, `x-inference-time` and "
+                         "`x-total-time` headers (ms).")
+async def segment(request: Request, engine: EngineDep, settings: SettingsDep, _: ApiKey) -> Response:
     deadline = Deadline(time.perf_counter(), settings.request_timeout_s)
-    # The form's raw values become the request's concepts (normalised, distinct), under the same name.
-    concepts = parse_concepts(concepts, settings.max_concepts, settings.max_concept_length)
-    if max_instances is not None and max_instances > settings.max_instances:
-        raise ServiceError("invalid_request", f"max_instances={max_instances} is above this service's limit of "
-                           f"{settings.max_instances}")
-    overrides = {"score_threshold": score_threshold, "mask_threshold": mask_threshold, "nms_iou": nms_iou,
-                 "max_instances": max_instances}
-    answer = await engine.segment(image.file, concepts, overrides, semantic, deadline, partial(client_gone, request))
+    limits = Limits(settings.max_concepts, settings.max_concept_length, settings.max_instances)
+    gone = partial(client_gone, request)
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type == JSON_MEDIA_TYPE:
+        image, segment_request = parse_json(await request.body(), limits)
+        answer = await engine.segment(_image_source(image, settings), segment_request, deadline, gone)
+        return _response(answer)
+    async with request.form() as form:  # the upload's spooled file is closed once answered
+        image, segment_request = parse_form(form, limits)
+        answer = await engine.segment(_image_source(image, settings), segment_request, deadline, gone)
+    return _response(answer)
+
+
+def _image_source(image: ImageSource | str, settings: Settings) -> ImageSource:
+    """An ``image_url`` (a string) becomes a fetch, once the policy allows it; anything else is read as it is."""
+    if not isinstance(image, str):
+        return image
+    policy = UrlPolicy.from_list(settings.image_url_host_list())
+    check_url(image, policy)
+    return UrlImage(image, policy, settings.image_url_timeout_s, settings.max_body_bytes)
+
+
+def _response(answer: Answer) -> Response:
     return Response(answer.body, media_type="application/json", headers={
         "x-queue-time": f"{answer.timings.queue_ms:.3f}",
         "x-inference-time": f"{answer.timings.inference_ms:.3f}",

@@ -85,11 +85,34 @@ function bindSlider(id) {
   });
 }
 
+// The checkpoint's defaults (from demo/defaults.json once the service is ready): where the sliders start (they are
+// disabled until then) and where "use the model's defaults" puts them back. Untouched sliders send nothing, so the service applies its own.
+const modelDefaults = {};
+
 function resetSliders() {
   for (const id of ["score-threshold", "mask-threshold"]) {
     delete $(id).dataset.touched;
-    $(`${id}-value`).textContent = "model default";
+    if (modelDefaults[id] !== undefined) $(id).value = modelDefaults[id];
+    $(`${id}-value`).textContent = modelDefaults[id] !== undefined
+      ? `model default (${Number(modelDefaults[id]).toFixed(2)})` : "model default";
   }
+}
+
+async function loadDefaults() {
+  try {
+    const response = await fetch("demo/defaults.json", { cache: "no-store" });
+    if (!response.ok) return;
+    const data = await response.json();
+    modelDefaults["score-threshold"] = data.score_threshold;
+    modelDefaults["mask-threshold"] = data.mask_threshold;
+    for (const id of ["score-threshold", "mask-threshold"]) {
+      if (!$(id).dataset.touched) {
+        $(id).value = modelDefaults[id];
+        $(`${id}-value`).textContent = `model default (${Number(modelDefaults[id]).toFixed(2)})`;
+      }
+    }
+  } catch (_) { /* the sliders keep their place; untouched, they still send nothing */ }
+  for (const id of ["score-threshold", "mask-threshold"]) $(id).disabled = false;
 }
 
 function showError(message) {
@@ -308,7 +331,7 @@ async function pollReady() {
     const data = await response.json();
     pill.textContent = response.ok ? "ready" : `not ready (${data.type})`;
     pill.className = `pill ${response.ok ? "ready" : ""}`;
-    if (response.ok) return;
+    if (response.ok) return loadDefaults();
   } catch (_) {
     pill.textContent = "unreachable";
     pill.className = "pill down";

@@ -137,3 +137,68 @@ def test_bad_arguments_exit_2(tmp_path):
     wrong_gt = zutis_client("segment", str(EXAMPLES[0]), "--concepts", "cat", "--coco-results", "--coco-gt",
                             str(unknown))
     assert wrong_gt.returncode == 2 and "not categories" in wrong_gt.stderr
+
+
+def phone_photo(source: Path, orientation: int, size: tuple[int, int]) -> bytes:
+    """``source`` resized to ``size`` (the stored grid) as a JPEG with EXIF orientation ``orientation``."""
+    import io
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.open(source).convert("RGB").resize(size).save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def test_mixed_folder_keeps_every_record_with_its_own_cause(live_url, tmp_path):
+    folder, out, overlays = tmp_path / "photos", tmp_path / "run" / "results.json", tmp_path / "overlays"
+    folder.mkdir()
+    (folder / "a-good.png").write_bytes(EXAMPLES[0].read_bytes())
+    (folder / "b-turned-6.jpg").write_bytes(phone_photo(EXAMPLES[1], 6, (160, 96)))  # upright: 96 x 160
+    (folder / "c-turned-3.jpg").write_bytes(phone_photo(EXAMPLES[2], 3, (120, 80)))  # upright: 120 x 80
+    (folder / "d-turned-8.jpg").write_bytes(phone_photo(EXAMPLES[0], 8, (64, 112)))  # upright: 112 x 64
+    (folder / "e-broken.jpg").write_bytes(phone_photo(EXAMPLES[1], 6, (160, 96))[:400])  # cut short
+    (folder / "f-not-an-image.png").write_text("a text file with an image's name\n")
+    (folder / "g-good.png").write_bytes(EXAMPLES[1].read_bytes())
+    out.parent.mkdir()
+    out.write_text("the previous run's file\n")
+
+    done = zutis_client("--url", live_url, "segment", str(folder), "--concepts", "red circle", "blue star",
+                        "--out", str(out), "--overlay-dir", str(overlays), "--concurrency", "4", "--no-progress")
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["results.json"], "no temporary file left behind"
+    records = json.loads(out.read_text())["results"]
+    names = sorted(p.name for p in folder.iterdir())
+    assert [Path(r["image"]).name for r in records] == names, "one record per image, in order"
+    by_name = {Path(r["image"]).name: r for r in records}
+    upright = {"a-good.png": (128, 128), "b-turned-6.jpg": (96, 160), "c-turned-3.jpg": (120, 80),
+               "d-turned-8.jpg": (112, 64), "g-good.png": (128, 128)}
+    for name, (width, height) in upright.items():
+        record = by_name[name]
+        assert "error" not in record, record.get("error")
+        assert record["answer"]["image"] == {"width": width, "height": height}
+        drawn = Image.open(overlays / f"{Path(name).stem}.png")
+        assert drawn.size == (width, height), name
+    broken, not_image = by_name["e-broken.jpg"]["error"], by_name["f-not-an-image.png"]["error"]
+    assert (broken["type"], broken["status"]) == ("invalid_image", 400), broken
+    assert (not_image["type"], not_image["status"]) == ("unsupported_media_type", 415), not_image
+    assert broken["message"] and not_image["message"]
+    assert "connection_error" not in out.read_text() and "connection_error" not in done.stderr
+    assert "5 of 7 image(s) answered" in done.stderr
+    assert "e-broken.jpg" in done.stderr and "f-not-an-image.png" in done.stderr
+
+
+def test_turned_photo_overlay_lines_up_with_the_answer(live_url, tmp_path):
+    from zutis_client import Client
+
+    photo = tmp_path / "turned.jpg"
+    photo.write_bytes(phone_photo(EXAMPLES[0], 6, (160, 96)))
+    with Client(live_url) as client:
+        result = client.segment(photo, CONCEPTS)
+    assert (result.width, result.height) == (96, 160)
+    drawn = result.overlay(photo, labels=False)
+    assert drawn.size == (96, 160)
+    upright = np.asarray(Image.open(photo).convert("RGB").transpose(Image.Transpose.ROTATE_270))
+    changed = np.any(np.asarray(drawn) != upright, axis=-1)
+    assert changed.any() and np.array_equal(changed, result.masks().any(axis=0) & changed)

@@ -57,6 +57,8 @@ def test_rle_decoder_matches_pycocotools():
         assert np.array_equal(decoded, mask)
     with pytest.raises(ValueError, match="add up"):
         decode_rle({"size": [4, 4], "counts": "3"})
+    with pytest.raises(ZutisError, match="add up"):  # a ZutisError too
+        decode_rle({"size": [4, 4], "counts": "3"})
 
 
 def test_segment_gives_the_service_answer_with_masks_and_semantic_map(live_url):
@@ -122,6 +124,13 @@ def test_errors_carry_the_service_type_and_message(live_url):
             client.segment(b"this is not an image", CONCEPTS)
         with pytest.raises(ValueError, match="no concepts"):
             client.segment(EXAMPLES[0], [" ", ","])
+        for concepts in ([], [" ", ","]):  # every failure of the library is a ZutisError (a ValueError too)
+            with pytest.raises(ZutisError) as no_concepts:
+                client.segment(EXAMPLES[0], concepts)
+            assert no_concepts.value.type == "invalid_argument" and no_concepts.value.status is None
+        with pytest.raises(ZutisError) as missing:
+            client.segment(Path("/nonexistent/photo.jpg"), CONCEPTS)
+        assert missing.value.type == "unreadable_image"
     assert (bad_value.value.status, bad_value.value.type) == (422, "invalid_request")
     assert "score_threshold" in bad_value.value.message
     assert not_an_image.value.status in (400, 415)
@@ -227,3 +236,15 @@ def test_retry_policy_reads_retry_after_in_both_forms_and_caps_the_wait():
     assert policy.delay_s(httpx.Response(500), 0) is None and policy.delay_s(httpx.Response(429), 0) is None
     with pytest.raises(ValueError):
         RetryPolicy(retries=-1)
+    with pytest.raises(ZutisError, match="must be >= 0"):  # every failure of the library is a ZutisError
+        RetryPolicy(backoff_s=-1.0)
+
+
+def test_info_separates_trained_from_evaluated_only_concepts(live_url):
+    with Client(live_url) as client:
+        info = client.info()
+    assert len(info["vocabulary"]) == 65 and info["vocabulary"][0] == "background"
+    assert len(info["trained_concepts"]) == 48 and len(info["evaluated_only_concepts"]) == 16
+    assert set(info["trained_concepts"]) | set(info["evaluated_only_concepts"]) == set(info["vocabulary"][1:])
+    assert not set(info["trained_concepts"]) & set(info["evaluated_only_concepts"])
+    assert "green heart" in info["evaluated_only_concepts"]  # the README's example of a concept never trained on

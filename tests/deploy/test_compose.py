@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.support import REPO_ROOT, HISTOGRAMS, find_compose_v2, find_executable, series_names
+from tests.deploy.support import REPO_ROOT, HISTOGRAMS, find_compose_v2, require_executable, series_names
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 REPLICAS = REPO_ROOT / "deploy" / "docker-compose.replicas.yml"
@@ -86,6 +86,24 @@ def test_compose_checkpoint_chosen_by_environment_from_mounted_weights(path):
         assert (path.parent / weights["source"]).resolve() == REPO_ROOT / "weights", name
         assert weights["read_only"] is True, name
         assert str(service["environment"]["ZUTIS_PORT"]) == str(CONTAINER_PORT), name
+
+
+def image_cache_dir() -> str:
+    """The image's ZUTIS_CACHE_DIR (Dockerfile ENV), where zoo models are fetched to."""
+    return re.search(r"ZUTIS_CACHE_DIR=(\S+)", (REPO_ROOT / "Dockerfile").read_text(encoding="utf-8")).group(1)
+
+
+@pytest.mark.parametrize("path", [COMPOSE, REPLICAS], ids=["single", "replicas"])
+def test_compose_zoo_cache_is_one_named_volume_at_the_images_cache_dir(path):
+    compose = load_yaml(path)
+    sources = set()
+    for name, service in zutis_services(compose).items():
+        cache = container_mount(service, image_cache_dir())
+        assert cache.get("type") == "volume" and not cache.get("read_only"), name
+        sources.add(cache["source"])
+        assert "ZUTIS_ZOO_MANIFEST" in service["environment"], f"{name}: a private mirror's manifest passes through"
+    (source,) = sources  # replicas share it: the first downloads, the others wait on its lock
+    assert source in compose["volumes"]
 
 
 @pytest.mark.parametrize("path", [COMPOSE, REPLICAS], ids=["single", "replicas"])
@@ -178,9 +196,7 @@ def test_nginx_retries_503_for_posts_but_not_deadline_504():
 
 
 def test_nginx_config_is_accepted_by_nginx(tmp_path):
-    nginx = find_executable("nginx")
-    if nginx is None:
-        pytest.skip("nginx not installed (apt-get install nginx-light)")
+    nginx = require_executable("nginx", "apt-get install nginx-light", required_in_ci=True)
     # Compose's host names do not resolve here: point the servers at loopback. `resolve` (nginx >= 1.27.3, the
     # image's version) is dropped for an older local nginx, which does not know it.
     config = re.sub(r"server\s+zutis-\d+:\d+", "server 127.0.0.1:9", NGINX.read_text(encoding="utf-8"))
@@ -214,9 +230,7 @@ def test_prometheus_scrapes_every_zutis_container_on_metrics():
 
 
 def test_prometheus_config_is_accepted_by_promtool():
-    promtool = find_executable("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (apt-get install prometheus)")
+    promtool = require_executable("promtool", "apt-get install prometheus", required_in_ci=True)
     result = subprocess.run([promtool, "check", "config", str(PROMETHEUS)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -260,9 +274,7 @@ def test_dashboard_has_the_operational_panels():
 
 
 def test_dashboard_queries_parse_as_promql(tmp_path):
-    promtool = find_executable("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (apt-get install prometheus)")
+    promtool = require_executable("promtool", "apt-get install prometheus", required_in_ci=True)
     # promtool parses recording rules' expressions: one rule per dashboard query, Grafana's variables substituted.
     rules = [
         {"record": f"dashboard:query_{index}", "expr": query.replace("$__rate_interval", "1m")}
@@ -310,6 +322,19 @@ def test_compose_checkpoint_follows_the_environment(compose_command):
     assert json.loads(result.stdout)["services"]["zutis"]["environment"]["ZUTIS_CHECKPOINT"] == (
         "/app/weights/other.safetensors"
     )
+
+
+def test_compose_serves_a_zoo_model_from_the_environment(compose_command):
+    # The README's example: ZUTIS_CHECKPOINT=zoo:coco-vit-b16 docker compose up -d
+    from model.zoo import load_manifest
+
+    result = compose_config(compose_command, COMPOSE, {"ZUTIS_CHECKPOINT": "zoo:coco-vit-b16"})
+    assert result.returncode == 0, result.stderr
+    service = json.loads(result.stdout)["services"]["zutis"]
+    assert service["environment"]["ZUTIS_CHECKPOINT"] == "zoo:coco-vit-b16"
+    assert "coco-vit-b16" in load_manifest()
+    (cache,) = [v for v in service["volumes"] if v["target"] == image_cache_dir()]
+    assert cache["type"] == "volume" and cache["source"] == "zutis-cache"
 
 
 def test_compose_validator_rejects_an_invalid_file(compose_command, tmp_path):

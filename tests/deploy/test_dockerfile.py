@@ -147,7 +147,7 @@ def test_image_carries_no_training_code():
 @pytest.mark.slow  # a fresh interpreter imports torch and open_clip
 def test_service_runs_from_what_the_image_copies(tmp_path):
     # The image's model/ and service/ (its COPY sources minus .dockerignore), alone on the path: the service, the
-    # CLI and the converter import, and no training module can be found.
+    # CLI, the converter and the zoo fetcher (with its manifest) import, and no training module can be found.
     for folder in ("model", "service"):
         for path in (REPO_ROOT / folder).rglob("*"):
             relative = path.relative_to(REPO_ROOT).as_posix()
@@ -158,8 +158,10 @@ def test_service_runs_from_what_the_image_copies(tmp_path):
             # an editable install of the checkout would otherwise find the missing modules in the checkout
             "sys.meta_path[:] = [f for f in sys.meta_path\n"
             "                    if not str(getattr(f, '__module__', '')).startswith('__editable__')]\n"
-            "import model, service.app, model.predictor, model.predict, model.convert_official\n"
+            "import model, service.app, model.predictor, model.predict, model.convert_official, model.fetch\n"
             "assert model.__file__.startswith(sys.argv[1]), model.__file__\n"
+            # the init container of deploy/k8s runs python -m model.fetch with the built-in manifest
+            "import model.zoo; assert 'coco-vit-b16' in model.zoo.load_manifest()\n"
             "assert importlib.util.find_spec('model.training') is None\n"
             "assert importlib.util.find_spec('model.train') is None\n"
             "print('ok')\n")

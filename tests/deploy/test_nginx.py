@@ -100,7 +100,7 @@ def local_config(replica_ports: list[int], listen_port: int, nginx: str) -> str:
 
 @contextmanager
 def running_nginx(tmp_path: Path, replica_ports: list[int]) -> Iterator[int]:
-    nginx = require_executable("nginx", "apt-get install nginx-light", required_in_ci=False)
+    nginx = require_executable("nginx", "apt-get install nginx-light", required_in_ci=True)
     port = free_port()
     (tmp_path / "nginx.conf").write_text(local_config(replica_ports, port, nginx), encoding="utf-8")
     log = open(tmp_path / "nginx.log", "wb")

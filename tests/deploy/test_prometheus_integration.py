@@ -111,6 +111,7 @@ def test_prometheus_scrapes_request_latency_from_the_service(prometheus_binary, 
     env.update(
         ZUTIS_CHECKPOINT=str(tiny_checkpoint(tmp_path)),
         ZUTIS_DEVICE="cpu",
+        ZUTIS_CACHE_DIR=str(tmp_path / "zutis-cache"),
         ZUTIS_HOST="127.0.0.1",
         ZUTIS_PORT=str(service_port),
     )

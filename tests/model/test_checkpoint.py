@@ -57,3 +57,34 @@ def test_checkpoint_rejects_foreign_and_mismatched_files(tmp_path):
     save_file(load_file(str(path)), str(broken), metadata=meta)
     with pytest.raises(ValueError, match="malformed checkpoint metadata"):
         read_metadata(broken)
+
+
+def test_concept_split_stored_derived_or_unknown(tmp_path):
+    from safetensors import safe_open
+
+    stored = make_tiny_checkpoint(tmp_path / "stored.safetensors", trained_concepts=["cat"])
+    split = read_metadata(stored).concept_split()
+    assert (split.trained, split.evaluated_only, split.source) == (["cat"], ["dog"], "trained_concepts")
+    with safe_open(str(stored), framework="pt") as f:
+        assert json.loads(f.metadata()["trained_concepts"]) == ["cat"]
+    # Files written before the field: the training configuration in the provenance says it.
+    older = make_tiny_checkpoint(tmp_path / "older.safetensors", provenance={"config": {"vocabulary": ["dog"]}})
+    split = read_metadata(older).concept_split()
+    assert (split.trained, split.evaluated_only, split.source) == (["dog"], ["cat"], "provenance.config.vocabulary")
+    unknown = make_tiny_checkpoint(tmp_path / "unknown.safetensors")
+    assert read_metadata(unknown).concept_split() is None
+    with safe_open(str(unknown), framework="pt") as f:
+        assert "trained_concepts" not in f.metadata(), "files without the field stay as they were"
+
+
+def test_shipped_checkpoint_trained_on_48_of_its_64_concepts():
+    from tests.live_service import SHIPPED_CHECKPOINT
+
+    metadata = read_metadata(SHIPPED_CHECKPOINT)
+    split = metadata.concept_split()
+    assert len(metadata.vocabulary) == 65 and len(split.trained) == 48 and len(split.evaluated_only) == 16
+    # The same split the checkpoint's own evaluation reported as seen / unseen.
+    subsets = metadata.provenance["config"]["eval"]["subsets"]
+    assert sorted(split.trained) == sorted(subsets["seen"])
+    assert sorted(split.evaluated_only) == sorted(subsets["unseen"])
+    assert "green heart" in split.evaluated_only

@@ -114,7 +114,7 @@ def test_native_batch_of_different_sizes_equals_the_official_code_and_each_image
 def test_native_cap_resizes_like_the_official_loader(official) -> None:
     # longer side 500 over a cap of 200: resized to 200 x 133 (int(333 / 500 * 200)), answered at 500 x 333
     image = structured_image((500, 333), seed=3)
-    predictor = Predictor.from_checkpoint(official["out"], device="cpu", input_size=200)
+    predictor = Predictor.from_checkpoint(official["out"], device="cpu", dtype="float32", input_size=200)
     prepared = predictor.prepare(image)
     assert prepared.placement == NativeSize((500, 333), 200, (200, 133))
     assert torch.equal(prepared.tensor[None], official_preprocess(image, 200))

@@ -18,10 +18,11 @@ def test_predict_cli_prints_the_service_json_and_draws_overlay(tiny_checkpoint, 
     img = tmp_path / "in.png"
     Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(img)
     assert main(["--checkpoint", str(tiny_checkpoint), "--image", str(img), "--concepts", "cat,dog",
-                 "--score-threshold", "0", "--overlay", str(tmp_path / "o.png"), "--device", "cpu"]) == 0
+                 "--score-threshold", "0", "--overlay", str(tmp_path / "o.png"), "--device", "cpu",
+                 "--dtype", "float32", "--runtime", "torch"]) == 0
     printed = SegmentResponse.model_validate_json(capsys.readouterr().out)
     expected = build_response(
-        Predictor.from_checkpoint(tiny_checkpoint, "cpu").predict([Image.open(img)], ["cat", "dog"],
+        Predictor.from_checkpoint(tiny_checkpoint, "cpu", "float32").predict([Image.open(img)], ["cat", "dog"],
                                                                   score_threshold=0.0)[0],
         printed.model)
     assert printed.model_dump(exclude={"timings"}) == expected.model_dump(exclude={"timings"})
@@ -75,15 +76,36 @@ def test_predict_cli_geometry_native(tiny_checkpoint, tmp_path, capsys):
     img = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (37, 90, 3), dtype=np.uint8)).save(img)
     assert main(["--checkpoint", str(tiny_checkpoint), "--image", str(img), "--concepts", "cat,dog",
-                 "--score-threshold", "0", "--device", "cpu", "--geometry", "native"]) == 0
+                 "--score-threshold", "0", "--device", "cpu", "--geometry", "native", "--dtype", "float32",
+                 "--runtime", "torch"]) == 0
     printed = SegmentResponse.model_validate_json(capsys.readouterr().out)
-    native = Predictor.from_checkpoint(tiny_checkpoint, "cpu", geometry="native")
+    native = Predictor.from_checkpoint(tiny_checkpoint, "cpu", "float32", geometry="native")
     expected = build_response(native.predict([Image.open(img)], ["cat", "dog"], score_threshold=0.0)[0],
                               printed.model)
     assert printed.model_dump(exclude={"timings"}) == expected.model_dump(exclude={"timings"})
-    letterbox = Predictor.from_checkpoint(tiny_checkpoint, "cpu")
+    letterbox = Predictor.from_checkpoint(tiny_checkpoint, "cpu", "float32")
     other = build_response(letterbox.predict([Image.open(img)], ["cat", "dog"], score_threshold=0.0)[0],
                            printed.model)
     assert printed.model_dump(exclude={"timings"}) != other.model_dump(exclude={"timings"})
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(tiny_checkpoint), "--image", str(img), "--concepts", "cat", "--geometry", "x"])
+
+
+def test_predict_cli_openvino_runtime_answers_like_torch(tiny_checkpoint, tmp_path, capsys):
+    """``--runtime openvino`` (float32, its export cached under ``--cache-dir``) prints torch's answer."""
+    pytest.importorskip("openvino")
+    img = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(img)
+    answers = []
+    for runtime in ("torch", "openvino"):
+        assert main(["--checkpoint", str(tiny_checkpoint), "--image", str(img), "--concepts", "cat,dog",
+                     "--score-threshold", "0", "--device", "cpu", "--dtype", "float32", "--runtime", runtime,
+                     "--cache-dir", str(tmp_path / "cache")]) == 0
+        answers.append(SegmentResponse.model_validate_json(capsys.readouterr().out))
+    assert (tmp_path / "cache" / "openvino").is_dir()
+    torch_answer, ov_answer = (a.model_dump(exclude={"timings"}) for a in answers)
+    assert torch_answer["semantic"] == ov_answer["semantic"]
+    assert [(i["concept"], i["bbox"], i["segmentation"]) for i in torch_answer["instances"]] == \
+           [(i["concept"], i["bbox"], i["segmentation"]) for i in ov_answer["instances"]]
+    assert [i["score"] for i in torch_answer["instances"]] == pytest.approx(
+        [i["score"] for i in ov_answer["instances"]], abs=1e-5)

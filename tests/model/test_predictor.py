@@ -5,7 +5,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from model.embedding_cache import TextEmbeddingCache
-from model.predictor import Predictor, resolve_dtype
+from model.dtypes import native_bf16_feature
+from model.predictor import Predictor, resolve_dtype, resolve_precision
 from model.rle import decode_semantic_rle
 from service.schema import SegmentResponse, build_response
 
@@ -86,10 +87,18 @@ def test_predictor_response_schema_round_trip(predictor):
 
 
 def test_predictor_dtype_resolution():
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu, bf16_feature=None) == (
+        torch.float32, "auto on a CPU without native bfloat16 (no AMX or AVX-512 BF16)")
+    assert resolve_precision("auto", cpu, bf16_feature="amx_bf16") == (
+        torch.bfloat16, "auto on a CPU with native bfloat16 (amx_bf16)")
+    assert resolve_precision("fp32", cpu, bf16_feature="amx_bf16")[0] == torch.float32
+    assert resolve_precision("bf16", cpu, bf16_feature=None)[0] == torch.bfloat16  # asked for: allowed, slow
+    expected = torch.bfloat16 if native_bf16_feature() else torch.float32
+    assert resolve_dtype("auto", cpu) == expected  # this machine's CPU, detected
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
-    with pytest.raises(ValueError, match="float32"):
-        resolve_dtype("float16", torch.device("cpu"))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        resolve_dtype("float16", cpu)
 
 
 def test_predictor_text_embedding_independent_of_other_concepts(predictor):

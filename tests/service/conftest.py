@@ -47,6 +47,12 @@ def service_checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("service") / "tiny.safetensors")
 
 
+@pytest.fixture(scope="session")
+def service_cache_dir(tmp_path_factory):
+    """``ZUTIS_CACHE_DIR`` of the services the tests start (the OpenVINO exports), not the user's ~/.cache."""
+    return tmp_path_factory.mktemp("zutis-cache")
+
+
 def png_bytes(height: int, width: int, seed: int = 0, mode: str = "RGB") -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     buffer = io.BytesIO()
@@ -63,14 +69,14 @@ def wait_until_ready(client: TestClient, timeout_s: float = READY_TIMEOUT_S) -> 
 
 
 @pytest.fixture
-def make_client(service_checkpoint) -> Iterator[Callable[..., Any]]:
+def make_client(service_checkpoint, service_cache_dir) -> Iterator[Callable[..., Any]]:
     """``make_client(**settings)`` -> a started, ready ``TestClient`` (closed, i.e. drained, at the test's end)."""
     stack = []
 
     @contextmanager
     def started(wait: bool = True, loader=None, **overrides: Any) -> Iterator[TestClient]:
         settings = Settings(**{"checkpoint": service_checkpoint, "device": "cpu", "max_batch_size": 4,
-                               **overrides})
+                               "cache_dir": service_cache_dir, **overrides})
         with TestClient(create_app(settings, loader=loader)) as client:
             if wait:
                 wait_until_ready(client)

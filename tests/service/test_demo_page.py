@@ -149,6 +149,21 @@ def test_demo_page_draws_the_masks_of_the_answer(browser, service_url, tmp_path)
 
 
 
+def test_demo_page_sliders_start_at_the_checkpoints_defaults(browser, service_url):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    defaults = httpx.get(f"{service_url}/demo/defaults.json").json()
+    info = httpx.get(f"{service_url}/info").json()["inference_defaults"]
+    assert defaults["score_threshold"] == info["score_threshold"] == 0.6  # the shipped checkpoint's
+    open_page(browser, service_url)
+    slider = browser.find_element(By.ID, "score-threshold")
+    WebDriverWait(browser, WAIT_S).until(lambda b: slider.is_enabled())
+    assert float(slider.get_attribute("value")) == defaults["score_threshold"]
+    assert float(browser.find_element(By.ID, "mask-threshold").get_attribute("value")) == defaults["mask_threshold"]
+    assert browser.find_element(By.ID, "score-threshold-value").text == "model default (0.60)"
+
+
 def test_demo_page_shows_an_error_answer_as_a_sentence(browser, service_url):
     from selenium.webdriver.common.by import By
 

@@ -45,3 +45,17 @@ def test_openapi_description_links_the_demo_page(make_client):
     description = make_client().get("/openapi.json").json()["info"]["description"]
     assert "[the demo page](/)" in description
     assert "/" not in make_client().get("/openapi.json").json()["paths"]
+
+
+def test_demo_defaults_are_the_checkpoints_and_public(make_client):
+    client = make_client(api_key=KEY)
+    defaults = client.get("/demo/defaults.json")
+    assert defaults.status_code == 200, defaults.text
+    info = client.get("/info", headers={"X-API-Key": KEY}).json()["inference_defaults"]
+    assert defaults.json() == {"score_threshold": info["score_threshold"], "mask_threshold": info["mask_threshold"]}
+    page = client.get("/").text
+    for slider, field in (("score-threshold", "score_threshold"), ("mask-threshold", "mask_threshold")):
+        tag = re.search(rf'<input id="{slider}"[^>]*>', page).group(0)
+        assert "disabled" not in tag and float(re.search(r'value="([^"]+)"', tag).group(1)) == info[field], tag
+        label = re.search(rf'<output id="{slider}-value"[^>]*>([^<]*)</output>', page).group(1)
+        assert label == f"model default ({info[field]:.2f})"

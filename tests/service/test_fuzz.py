@@ -1,7 +1,7 @@
 """A bounded property-based fuzz of POST /segment through the real app (lifespan, middlewares, tiny model).
 
 Whatever the client sends (odd images, parameters, concept lists, content types, headers, broken multipart),
-the answer is never a 5xx, and every error has the one JSON body shape with a known type and its status. The
+the answer is never a 5xx (multipart forms, JSON bodies and raw bytes), and every error has the one JSON body shape with a known type and its status. The
 examples are derandomised (the same every run, so CI is reproducible) and bounded (60 per test, seconds on an idle
 CPU); they reach 200, 400 (form, image), 415 and 422 answers (counted once by hand). Set ``ZUTIS_FUZZ_EXAMPLES``
 for a longer, random run on a developer machine.
@@ -9,7 +9,9 @@ for a longer, random run on a developer machine.
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 
 import numpy as np
@@ -70,6 +72,9 @@ fields = st.fixed_dictionaries({"concepts": concept_lists}, optional={
     "nms_iou": fractions,
     "max_instances": counts,
     "semantic": st.one_of(st.sampled_from(["png", "rle", "none"]), texts),
+    "mask_format": st.one_of(st.sampled_from(["rle", "polygon"]), texts),
+    "polygon_tolerance": st.one_of(st.sampled_from(["0", "1", "2.5"]), weird_numbers),
+    "vocabulary": st.one_of(st.sampled_from(["coco", "checkpoint"]), texts),
     "unexpected": texts,
 })
 
@@ -85,9 +90,10 @@ def assert_well_formed(answer) -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzz_client(service_checkpoint):
+def fuzz_client(service_checkpoint, service_cache_dir):
     settings = Settings(checkpoint=service_checkpoint, device="cpu", max_batch_size=2, max_concepts=5,
-                        max_concept_length=20, max_image_pixels=40 * 40, max_body_bytes=64 * 1024)
+                        max_concept_length=20, max_image_pixels=40 * 40, max_body_bytes=64 * 1024,
+                        cache_dir=service_cache_dir)
     with TestClient(create_app(settings)) as client:
         wait_until_ready(client)
         yield client
@@ -123,3 +129,52 @@ def test_fuzz_raw_bodies_and_headers(fuzz_client, body, content_type, authorizat
         return  # not a sendable header value
     assert_well_formed(answer)
 
+
+
+# JSON bodies: the same fields with JSON's own types, right and wrong.
+json_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(allow_subnormal=False), texts,
+                        st.lists(st.one_of(texts, st.integers()), max_size=3), st.dictionaries(texts, texts, max_size=2))
+json_unit = st.one_of(st.floats(0.0, 0.99, allow_subnormal=False), st.floats(0.0, 0.99, allow_subnormal=False),
+                      json_values)
+base64_images = st.one_of(
+    images.map(lambda data: base64.b64encode(data).decode()),
+    images.map(lambda data: "data:image/png;base64," + base64.b64encode(data).decode()),
+    st.tuples(st.sampled_from(["text/plain", "image/png", "", "image/png;charset=x"]), images).map(
+        lambda t: f"data:{t[0]};base64," + base64.b64encode(t[1]).decode()),
+    texts,
+    json_values,
+)
+json_fields = st.fixed_dictionaries({}, optional={
+    "image": base64_images,
+    "image_url": st.one_of(texts, st.just("http://127.0.0.1:9/x.png"), json_values),
+    "concepts": st.one_of(st.just(["cat"]), st.just("cat, dog"), concept_lists, json_values),
+    "vocabulary": st.one_of(st.sampled_from(["coco", "checkpoint"]), json_values),
+    "score_threshold": json_unit,
+    "mask_threshold": json_unit,
+    "nms_iou": json_unit,
+    "max_instances": st.one_of(st.integers(0, 5), json_values),
+    "semantic": st.one_of(st.sampled_from(["png", "rle", "none"]), json_values),
+    "mask_format": st.one_of(st.sampled_from(["rle", "polygon"]), json_values),
+    "polygon_tolerance": st.one_of(st.floats(0, 3, allow_subnormal=False), json_values),
+    "unexpected": json_values,
+})
+
+
+# Mostly well-formed requests (so that many reach the decoder and the model), with the odd wrong value.
+mostly_good_json = st.fixed_dictionaries(
+    {"image": st.one_of(good_images, good_images, images).map(lambda data: base64.b64encode(data).decode()),
+     "concepts": st.one_of(st.just(["cat"]), st.just("cat, dog"), concept_lists)},
+    optional={"score_threshold": json_unit, "mask_threshold": st.floats(0.0, 0.99, allow_subnormal=False),
+              "semantic": st.sampled_from(["png", "rle", "none"]), "mask_format": st.sampled_from(["rle", "polygon"]),
+              "polygon_tolerance": st.one_of(st.floats(0, 3, allow_subnormal=False), json_values)})
+
+
+@FUZZ
+@given(body=st.one_of(mostly_good_json, mostly_good_json, json_fields, json_values))
+def test_fuzz_json_bodies(fuzz_client, body):
+    try:
+        content = json.dumps(body, allow_nan=True).encode("utf-8", "surrogatepass")
+    except (UnicodeEncodeError, ValueError):
+        return
+    answer = fuzz_client.post("/segment", content=content, headers={"content-type": "application/json"})
+    assert_well_formed(answer)

@@ -92,3 +92,26 @@ def test_deadline_gives_504_and_expired_requests_never_reach_the_model(make_clie
     assert len(predictor.batch_sizes) - warm_up == 1
     predictor.delay_s = 0.0
     assert segment(client, png_bytes(20, 20), "cat").status_code == 200
+
+
+def test_info_and_log_say_which_precision_and_runtime_and_why(make_client, caplog):
+    """With nothing set: bfloat16 where this CPU has it natively, OpenVINO when installed (else float32 / torch);
+    asked for: float32 on torch. Both in /info and in the start-up log line."""
+    import logging
+
+    from model.dtypes import native_bf16_feature
+    from model.runtime import openvino_available
+
+    caplog.set_level(logging.INFO, logger="service.engine")
+    info = make_client().get("/info").json()
+    feature = native_bf16_feature()
+    assert info["dtype"] == ("bfloat16" if feature else "float32")
+    assert info["dtype_reason"] == (f"auto on a CPU with native bfloat16 ({feature})" if feature else
+                                    "auto on a CPU without native bfloat16 (no AMX or AVX-512 BF16)")
+    assert info["runtime"] == ("openvino" if openvino_available() else "torch")
+    assert info["runtime_reason"].startswith("auto on a CPU")
+    assert f"({info['dtype']}: {info['dtype_reason']}; runtime {info['runtime']}: " in caplog.text
+
+    info = make_client(dtype="float32", runtime="torch").get("/info").json()
+    assert (info["dtype"], info["dtype_reason"]) == ("float32", "float32 asked for")
+    assert (info["runtime"], info["runtime_reason"]) == ("torch", "runtime=torch asked for")

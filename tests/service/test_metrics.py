@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from model.predictor import resolve_dtype
 from service.metrics import Metrics
 from tests.service.conftest import png_bytes, segment
 
@@ -64,7 +66,8 @@ def test_metric_names_types_and_buckets(make_client):
     assert sample(found["zutis_ready"]) == 1 and sample(found["zutis_queue_depth"]) == 0
     [info] = found["zutis_build_info"].samples
     assert info.value == 1 and info.labels["model"].startswith("tiny-test@")
-    assert (info.labels["device"], info.labels["dtype"]) == ("cpu", "float32") and info.labels["version"]
+    default = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")  # bfloat16 where native
+    assert (info.labels["device"], info.labels["dtype"]) == ("cpu", default) and info.labels["version"]
 
 
 def test_each_app_has_its_own_registry():

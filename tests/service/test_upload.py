@@ -89,3 +89,31 @@ def test_a_corrupt_exif_block_is_ignored():
     exif[0x0112] = 99  # not an orientation
     data = encoded(Image.new("RGB", (12, 8)), "JPEG", exif=exif.tobytes())
     assert decode_image(data, max_pixels=1000).size == (12, 8)
+
+
+def png_header_only(width: int, height: int, bit_depth: int = 1, colour_type: int = 0) -> bytes:
+    """A PNG that declares ``width`` x ``height`` (1-bit grey by default) with one empty IDAT: what a bomb looks
+    like to a header reader, in 60 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("max_pixels", [40_000_000, 1_000_000_000])
+def test_pillows_bomb_refusal_quotes_the_services_limit(max_pixels):
+    # 900 million pixels: over twice Pillow's MAX_IMAGE_PIXELS, so Pillow refuses it inside Image.open, before the
+    # service's own header check runs. The answer still speaks of the service's limit.
+    with pytest.raises(ServiceError) as error:
+        decode_image(png_header_only(30_000, 30_000), max_pixels=max_pixels)
+    assert error.value.type == "image_too_large" and error.value.status_code == 413
+    message = error.value.message
+    assert "900,000,000 pixels" in message and f"{max_pixels:,}" in message, message
+    if max_pixels < 900_000_000:
+        assert message == f"the image is 900,000,000 pixels; the limit is {max_pixels:,}"
+    else:  # an operator limit above what Pillow decodes: said so, with both numbers
+        assert "more than the image decoder accepts" in message

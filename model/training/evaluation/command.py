@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from model.answer import segmentation_to_rle
 from model.training.evaluation.coco_ap import load_coco_json
 from model.training.evaluation.datasets import EvalDataset, load_coco_dataset, load_label_folder_dataset
 from model.training.evaluation.runner import evaluate_checkpoint, format_report, score
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also report metrics over these concepts only (repeatable)")
     parser.add_argument("--class-agnostic", action="store_true", help="class-agnostic mask AP")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on a CPU with native bf16, else fp32; fp16 on "
+                        "GPU), float32 (the official code's answers exactly), bfloat16, float16")
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"],
+                        help="what runs the image network (auto: OpenVINO on a CPU when installed, else torch)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--geometry", choices=["letterbox", "native"],
                         help="letterbox into S x S, or native (each image at its own size, the official protocol); "
@@ -84,11 +89,31 @@ def _score_results_file(args: argparse.Namespace, subsets: dict[str, list[str]])
     with args.results.open() as f:
         results = json.load(f)
     coco = load_coco_json(args.coco)
+    results = with_rle_segmentations(results, coco)
     cats = sorted(coco["categories"], key=lambda c: c["id"])
     dataset = EvalDataset((), tuple(c["name"] for c in cats), tuple(c["id"] for c in cats), coco)
     return score(dataset, results, None, args.concepts or list(dataset.class_names),
                  class_agnostic=args.class_agnostic, subsets=subsets,
                  image_ids=[img["id"] for img in coco["images"]])
+
+
+def with_rle_segmentations(results: list[dict[str, Any]], coco: dict[str, Any]) -> list[dict[str, Any]]:
+    """COCO results whose polygon segmentations (answers of ``mask_format=polygon``) are rasterised to RLE at
+    their image's size (``model.answer``); RLE results and results of unknown images are left as they are (the
+    scoring reports those)."""
+    sizes = {img["id"]: (int(img["height"]), int(img["width"])) for img in coco["images"]
+             if "height" in img and "width" in img}
+    converted = []
+    for k, result in enumerate(results):
+        segmentation = result.get("segmentation") if isinstance(result, dict) else None
+        if isinstance(segmentation, list) and result.get("image_id") in sizes:
+            try:
+                segmentation = segmentation_to_rle(segmentation, sizes[result["image_id"]])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"result #{k}: bad polygon segmentation ({exc})") from None
+            result = {**result, "segmentation": segmentation}
+        converted.append(result)
+    return converted
 
 
 def _evaluate_checkpoint(args: argparse.Namespace, subsets: dict[str, list[str]]) -> dict[str, Any]:
@@ -104,8 +129,8 @@ def _evaluate_checkpoint(args: argparse.Namespace, subsets: dict[str, list[str]]
     else:
         raise SystemExit("give --coco, or --semantic-labels with --concepts")
     evaluation = evaluate_checkpoint(args.checkpoint, dataset, concepts, device=args.device,
-                                     geometry=args.geometry, input_size=args.input_size,
-                                     class_agnostic=args.class_agnostic, subsets=subsets,
+                                     geometry=args.geometry, input_size=args.input_size, dtype=args.dtype,
+                                     runtime=args.runtime, class_agnostic=args.class_agnostic, subsets=subsets,
                                      batch_size=args.batch_size, max_images=args.max_images, progress=True,
                                      exif_orientation=args.exif_orientation)
     if args.save_results is not None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from model.answer import segmentation_to_rle
 from model.training.evaluation.coco_ap import evaluate_instances
 from model.training.evaluation.datasets import EvalDataset, EvalSample, load_label_map, read_image
 from model.training.evaluation.semantic import ConfusionMatrix, as_int_array, semantic_report
@@ -61,17 +62,19 @@ class ProgressReporter:
 
 def evaluate_checkpoint(checkpoint: str | Path, dataset: EvalDataset, concepts: Sequence[str] | None = None, *,
                         device: str = "cpu", geometry: str | None = None, input_size: int | None = None,
-                        **kwargs: Any) -> Evaluation:
+                        dtype: str = "auto", runtime: str = "torch", **kwargs: Any) -> Evaluation:
     """Load ``checkpoint`` with ``model.predictor.Predictor`` and run ``evaluate_predictor`` with it.
 
-    ``geometry`` (``letterbox``/``native``) and ``input_size`` default to the checkpoint's.
+    ``geometry`` (``letterbox``/``native``) and ``input_size`` default to the checkpoint's; ``dtype`` and
+    ``runtime`` are ``Predictor.from_checkpoint``'s.
     """
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     from model.predictor import Predictor  # deferred: torch and open_clip (see the module docstring)
 
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, input_size=input_size, geometry=geometry)
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, input_size=input_size, geometry=geometry,
+                                          dtype=dtype, runtime=runtime)
     return evaluate_predictor(predictor, dataset, concepts, **kwargs)
 
 
@@ -175,18 +178,18 @@ def _check_prediction(pred: Any, sample: EvalSample, image: Any, num_concepts: i
 
 def _coco_results(pred: Any, sample: EvalSample, category_ids: Sequence[int], lut: np.ndarray) -> list[dict[str, Any]]:
     """The prediction's instances as COCO results of ``sample``: ``image_id``, the ``category_id`` of the instance's
-    concept (``lut`` maps vocabulary to dataset class), ``segmentation`` (RLE, ``counts`` a str) and ``score``."""
+    concept (``lut`` maps vocabulary to dataset class), ``segmentation`` (RLE, ``counts`` a str; an instance's
+    polygons are rasterised to it) and ``score``."""
     num_concepts = len(lut) - 1
     results = []
     for inst in _field(pred, "instances"):
         k = int(_field(inst, "concept_index"))
         if not 1 <= k <= num_concepts:
             raise ValueError(f"instance concept_index {k} is not a user concept (1..{num_concepts})")
-        rle = _field(inst, "segmentation")
-        counts = rle["counts"].decode() if isinstance(rle["counts"], bytes) else rle["counts"]
+        # RLE or polygons (a JSON answer of mask_format=polygon), as COCO RLE: model.answer reads both
+        rle = segmentation_to_rle(_field(inst, "segmentation"), tuple(_field(pred, "image_hw")))
         results.append({"image_id": sample.image_id, "category_id": category_ids[lut[k] - 1],
-                        "segmentation": {"size": list(rle["size"]), "counts": counts},
-                        "score": float(_field(inst, "score"))})
+                        "segmentation": rle, "score": float(_field(inst, "score"))})
     return results
 
 
