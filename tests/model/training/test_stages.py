@@ -76,18 +76,7 @@ def test_validate_data_inputs_names_what_is_missing(tmp_path):
 
 @pytest.mark.slow
 def test_index_and_retrieval_stages_are_cached_and_keyed(tmp_path):
-    from model.backbone import build_text_tower, build_vision_tower
-    from model.clip_weights import ClipTowers, save_clip
-
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(images / f"{i}.png")
-    cfg = tiny_test_config()
-    torch.manual_seed(0)
-    clip = tmp_path / "clip.safetensors"
-    save_clip(clip, ClipTowers(cfg, build_vision_tower(cfg), build_text_tower(cfg)))
+    images, clip, cfg = _tiny_index(tmp_path)
     gt = {"images": [{"id": i, "file_name": f"{i}.png", "height": 40, "width": 50} for i in range(2)],
           "categories": [{"id": 1, "name": "cat"}], "annotations": [
               {"id": 1, "image_id": 0, "category_id": 1, "segmentation": [[1.0, 1.0, 20.0, 1.0, 20.0, 20.0]]}]}
