@@ -38,6 +38,7 @@ import torch
 from model.checkpoint import read_metadata
 from model.config import ModelConfig
 from model.convert_official import InputFileError, convert_official, infer_architecture
+from model.cache_dir import default_cache_dir
 from model.download import Downloaded, DownloadPolicy, FetchError, cache_lock, download, remove_download
 from model.vocabularies import VOCABULARIES
 from model.zoo import (
@@ -66,11 +67,6 @@ class FetchResult:
     model: ZooModel
     sha256: dict[str, str]
     cached: bool
-
-
-def default_cache_dir() -> Path:
-    """``~/.cache/zutis`` (the service's ``ZUTIS_CACHE_DIR`` default, and this command's)."""
-    return Path.home() / ".cache" / "zutis"
 
 
 def checkpoint_path(model: ZooModel, cache_dir: Path) -> Path:
@@ -266,8 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The command line's own defaults; the service passes its settings instead (service.settings).
     manifest = args.manifest or (Path(os.environ["ZUTIS_ZOO_MANIFEST"]) if os.environ.get("ZUTIS_ZOO_MANIFEST")
                                  else None)
-    cache_dir = args.cache_dir or (Path(os.environ["ZUTIS_CACHE_DIR"]) if os.environ.get("ZUTIS_CACHE_DIR")
-                                   else default_cache_dir())
+    cache_dir = args.cache_dir or default_cache_dir()
     if args.timeout <= 0 or args.retries < 0:
         parser.error("--timeout must be positive and --retries at least 0")
     try:

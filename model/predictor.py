@@ -22,7 +22,8 @@ from model.embedding_cache import TextEmbeddingCache
 from model.geometry import Placement, check_geometry, preprocess_image
 from model.native import NativeSize, padded_fraction, preprocess_native
 from model.network import ZUTISOutput, valid_grid_size
-from model.runtime import default_cache_dir, resolve_runtime
+from model.cache_dir import default_cache_dir
+from model.runtime import resolve_runtime
 from model.postprocess import Prediction, postprocess
 from model.text import build_vocabulary
 
@@ -142,7 +143,7 @@ class Predictor:
         ``dtype``: ``resolve_precision`` (``auto``: bfloat16 on a CPU with native bfloat16, float32 on other CPUs,
         float16 on CUDA; ``float32`` reproduces the official code exactly). ``runtime``: ``torch``, ``openvino``
         or ``auto`` (``model.runtime``; the service and the commands default to ``auto``). ``cache_dir``: where
-        the OpenVINO runtime keeps exported networks (default ``model.runtime.default_cache_dir()``).
+        the OpenVINO runtime keeps exported networks (default ``model.cache_dir.default_cache_dir()``).
         """
         dev = resolve_device(device)
         if geometry is not None:

@@ -12,8 +12,6 @@ No torch or OpenVINO at import: the service validates its settings against these
 from __future__ import annotations
 
 import importlib.util
-import os
-from pathlib import Path
 from typing import Literal, get_args
 
 RuntimeName = Literal["auto", "torch", "openvino"]
@@ -45,10 +43,4 @@ def resolve_runtime(name: str, device_type: str) -> tuple[str, str]:
     return "torch", "auto on a CPU: OpenVINO is not installed, torch"
 
 
-def default_cache_dir() -> Path:
-    """Where exported networks are kept: ``$ZUTIS_CACHE_DIR``, else ``~/.cache/zutis`` (the service passes its
-    ``ZUTIS_CACHE_DIR`` setting explicitly; this default is for the command-line tools)."""
-    return Path(os.environ.get("ZUTIS_CACHE_DIR") or Path.home() / ".cache" / "zutis").expanduser()
-
-
-__all__ = ["RUNTIME_NAMES", "RuntimeName", "default_cache_dir", "openvino_available", "resolve_runtime"]
+__all__ = ["RUNTIME_NAMES", "RuntimeName", "openvino_available", "resolve_runtime"]
