@@ -251,9 +251,14 @@ class Engine:
         log.info("loaded %s on %s (%s: %s; runtime %s: %s) in %.1f s; warming up at batch sizes 1..%d",
                  predictor.model_id, predictor.device, str(predictor.dtype).removeprefix("torch."),
                  predictor.dtype_reason, predictor.runtime, predictor.runtime_reason, self._load_s,
-                 self.config.max_batch_size)
+                 self._warm_up_batch_sizes(predictor))
         self._admission.phase = EngineState.WARMING
         return predictor
+
+    def _warm_up_batch_sizes(self, predictor: Predictor) -> int:
+        """The largest batch size warm-up runs (it runs every size from 1): OpenVINO runs a batch one image at a
+        time through one compiled network, so batch size 1 warms it all."""
+        return 1 if predictor.runtime == "openvino" else self.config.max_batch_size
 
     def _warm_up(self, predictor: Predictor) -> None:
         """One forward pass at every batch size that will be used, and the rest of the path once (-> ``ready``)."""
@@ -262,8 +267,7 @@ class Engine:
         pixels = np.random.default_rng(0).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
         prepared = predictor.prepare(pixels)
         vocabulary, text = predictor.encode_concepts(list(WARMUP_CONCEPTS))
-        # OpenVINO runs a batch one image at a time through one compiled network: batch size 1 warms it all.
-        largest = 1 if predictor.runtime == "openvino" else self.config.max_batch_size
+        largest = self._warm_up_batch_sizes(predictor)
         for batch_size in range(1, largest + 1):
             begin = time.perf_counter()
             output = predictor.forward([prepared] * batch_size)
