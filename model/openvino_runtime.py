@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -44,9 +45,16 @@ def exported_ir(model: ZUTIS, sha256: str, cache_dir: Path) -> Path:
     path = folder / OPENVINO_NAME
     if path.is_file() and path.with_suffix(".bin").is_file():
         return path
-    folder.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{sha256[:16]}-", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{sha256[:16]}-", dir=folder.parent))
+    except OSError as exc:  # a read-only cache (e.g. a volume mounted read-only): serve, but say what it costs
+        private = Path(tempfile.mkdtemp(prefix=f"zutis-openvino-{sha256[:16]}-"))
+        log.warning("cannot write the OpenVINO export under %s (%s): exporting to %s for this process only; set "
+                    "ZUTIS_CACHE_DIR to a writable folder so that restarts reuse it", cache_dir, exc, private)
+        export_openvino(model, private)
+        return private / OPENVINO_NAME
     try:
         export_openvino(model, tmp)
         try:
@@ -79,7 +87,8 @@ class OpenVinoNetwork:
         self.ir_path = ir_path
         self.max_compiled = max_compiled
         self._core = ov.Core()
-        self._core.set_property({"CACHE_DIR": str(ir_path.parent / "compiled")})
+        if os.access(ir_path.parent, os.W_OK):  # OpenVINO's compiled-model cache; skipped on a read-only cache
+            self._core.set_property({"CACHE_DIR": str(ir_path.parent / "compiled")})
         self._ir = self._core.read_model(ir_path)
         # Not pinned to cores: the service's own threads (decoding, post-processing) share them, and so may other
         # processes; unpinned was as fast as pinned in an interleaved test here (medians 2.36 vs 2.67 s, noisy).

@@ -65,6 +65,22 @@ def test_openvino_export_is_cached_by_checkpoint_hash(tiny_checkpoint, tmp_path)
     assert [p.name for p in (tmp_path / "openvino").iterdir()] == [first.sha256[:16]]  # no temporary left
 
 
+def test_an_unwritable_cache_still_serves_with_a_warning(tiny_checkpoint, tmp_path, caplog):
+    """A cache the process cannot write (here a path through a file; in production a read-only volume): the
+    network is exported to a private temporary folder, the answer is the same, and the log says what it costs."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would be")
+    reference = Predictor.from_checkpoint(tiny_checkpoint, "cpu", "float32", runtime="openvino",
+                                          cache_dir=tmp_path / "cache")
+    with caplog.at_level("WARNING", logger="model.openvino_runtime"):
+        blocked = Predictor.from_checkpoint(tiny_checkpoint, "cpu", "float32", runtime="openvino",
+                                            cache_dir=blocker / "cache")
+    assert any("cannot write the OpenVINO export" in r.getMessage() and "ZUTIS_CACHE_DIR" in r.getMessage()
+               for r in caplog.records)
+    image = [reference.prepare(images()[0])]
+    assert torch.equal(blocked.forward(image).mask_probs, reference.forward(image).mask_probs)
+
+
 def test_runtime_resolution():
     assert resolve_runtime("torch", "cpu")[0] == "torch"
     assert resolve_runtime("auto", "cpu")[0] == "openvino"  # installed here (this test is skipped otherwise)
