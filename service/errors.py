@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger("service")
 
@@ -135,6 +136,16 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(code, str(exc.detail), headers)
 
 
+async def _client_disconnect(request: Request, exc: Exception) -> JSONResponse:
+    """The client went away while its body was being read, or ``service.protocol`` answered 408 and closed the
+    connection: nobody reads this answer; it is counted (as the 408 the client got, when it got one), not logged as
+    a failure."""
+    assert isinstance(exc, ClientDisconnect)
+    if not request.scope.get(PROTOCOL_STATUS_SCOPE_KEY):  # a 408 is counted by service.protocol already
+        _count_rejection(request, "client_disconnected")
+    return error_response("client_disconnected", "the client closed the connection while sending the request")
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response("internal_error", "internal error; the details are in the service log")
@@ -145,4 +156,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_disconnect)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -48,11 +48,18 @@ class Service:
         return int(float(match.group(1)))
 
 
-def service_env(checkpoint: Path, port: int, **settings: str) -> dict[str, str]:
+def service_env(checkpoint: Path | str, port: int, **settings: str) -> dict[str, str]:
+    """The environment of ``python -m service`` for a test: the caller's without its ``ZUTIS_*`` variables, a
+    checkpoint (a file, or ``zoo:NAME``), CPU, one torch thread, and ``ZUTIS_<KEY>`` for each of ``settings``. The
+    cache (OpenVINO exports) is beside a checkpoint file, never the user's ~/.cache, unless ``CACHE_DIR`` is given."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZUTIS_")}
     env.update(ZUTIS_CHECKPOINT=str(checkpoint), ZUTIS_DEVICE="cpu", ZUTIS_HOST="127.0.0.1", ZUTIS_PORT=str(port),
-               ZUTIS_TORCH_THREADS="1", ZUTIS_CACHE_DIR=str(checkpoint.parent / "zutis-cache"),
-               **{f"ZUTIS_{k.upper()}": v for k, v in settings.items()})
+               ZUTIS_TORCH_THREADS="1")
+    if isinstance(checkpoint, Path):
+        env["ZUTIS_CACHE_DIR"] = str(checkpoint.parent / "zutis-cache")
+    env.update({f"ZUTIS_{k.upper()}": v for k, v in settings.items()})
+    if "ZUTIS_CACHE_DIR" not in env:
+        raise ValueError("a zoo checkpoint needs CACHE_DIR=... (the test's own folder, not the user's cache)")
     return env
 
 
@@ -147,10 +154,13 @@ def test_stalled_uploads_get_408_and_are_closed_while_the_service_answers(servic
         stalled = []
         part = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
                 b"Content-Type: image/png\r\n\r\n" + png_bytes(30, 40, seed=1)[:40])
-        for _ in range(20):  # each declares 50,000 bytes and sends the start of an upload
+        json_part = b'{"concepts": ["cat"], "image": "iVBORw0KGgo'
+        for k in range(20):  # each declares 50,000 bytes and sends the start of an upload: forms and JSON bodies
             sock = socket.create_connection(("127.0.0.1", service.port), timeout=10)
-            sock.sendall(b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                         b"Content-Length: 50000\r\n\r\n" + part)
+            content_type, body = ((b"multipart/form-data; boundary=b", part) if k % 2 else
+                                  (b"application/json", json_part))
+            sock.sendall(b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type +
+                         b"\r\nContent-Length: 50000\r\n\r\n" + body)
             stalled.append(sock)
         start = time.perf_counter()
         assert service.segment().status_code == 200  # a normal request meanwhile
