@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from model.checkpoint import load_checkpoint
 from model.clip_weights import load_clip
+from model.dtypes import native_bf16_feature
 from model.network import ZUTIS
 from model.text import TextEncoder
 from model.training.config import TrainConfig, load_config, validate_inputs, with_oracle_scenes, with_world
@@ -44,7 +45,7 @@ from model.training.copy_paste import CopyPasteDataset, StepBatchSampler, collat
 from model.training.criterion import compute_losses
 from model.training.export import export
 from model.training.optim import build_optimizer, set_lr, total_loss
-from model.training.runtime import Dist, cpu_bf16, git_commit, seed_everything, setup_distributed, tune_cpu_allocator
+from model.training.runtime import Dist, git_commit, seed_everything, setup_distributed, tune_cpu_allocator
 from model.training.stages import prepare_training_data, prepare_world
 from model.training.state import load_training_state, save_training_state
 
@@ -214,7 +215,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dataset: Cop
         collate_fn=collate_samples, num_workers=o.num_workers, pin_memory=device.type == "cuda",
         generator=torch.Generator())  # its own generator: the loader must not draw from the global RNG
     amp = (device.type == "cuda" and o.amp) or (device.type == "cpu" and o.cpu_amp)
-    if device.type == "cpu" and o.cpu_amp and not cpu_bf16():
+    if device.type == "cpu" and o.cpu_amp and native_bf16_feature() is None:
         log("warning: optim.cpu_amp is set but this CPU has no native bf16 (AVX512-BF16 / AMX): autocast emulates it")
     bar = tqdm(total=stop, initial=step, disable=not (dist.main and sys.stderr.isatty()), unit="step")
     window = LossWindow(dist)

@@ -95,7 +95,6 @@ def zutis_steps(config_path: Path, rounds: int, threads: int, seed: int = 0) -> 
     """Seconds per ZUTIS training step, fp32 and bf16 interleaved, from the config's CLIP (heads random)."""
     from model.train import build_model, encode_vocabulary, training_step
     from model.training.config import load_config
-    from model.training.copy_paste import TrainingBatch
     from model.training.optim import build_optimizer
 
     torch.set_num_threads(threads)
@@ -186,9 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--converge-steps", type=int, default=0, help="also two short CLIP runs of this many steps")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    from model.training.runtime import cpu_bf16
+    from model.dtypes import native_bf16_feature
 
-    report: dict[str, Any] = {"cpu_native_bf16": cpu_bf16(), "threads": args.threads, "torch": torch.__version__,
+    report: dict[str, Any] = {"cpu_native_bf16": native_bf16_feature() is not None, "threads": args.threads, "torch": torch.__version__,
                               "load_average_at_start": list(os.getloadavg())}
     if "clip" not in args.skip:
         report["clip_step"] = clip_steps(args.clip_recipe, args.rounds, args.threads)

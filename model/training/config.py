@@ -45,7 +45,8 @@ class OptimConfig:
     seed: int = 0
     num_workers: int = 8
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    cpu_amp: bool = False  # opt-in: bf16 autocast on CPU too (worth it only on CPUs with native bf16: runtime.cpu_bf16)
+    # opt-in: bf16 autocast on CPU too (worth it only on CPUs with native bf16: model.dtypes.native_bf16_feature)
+    cpu_amp: bool = False
     log_every: int = 250
     checkpoint_every: int = 1000
 

@@ -65,15 +65,6 @@ def tune_cpu_allocator() -> bool:
         return False
 
 
-def cpu_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (oneDNN's check: AVX512-BF16 or AMX), which is when bf16 autocast
-    on CPU (``optim.cpu_amp``, the CLIP recipe's ``cpu_amp``) can pay; elsewhere autocast emulates it, slowly."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def git_commit() -> dict[str, Any]:
     """``{"commit": sha or None, "dirty": bool or None}`` of the checkout this code runs from."""
     here = Path(__file__).resolve().parent
@@ -87,4 +78,4 @@ def git_commit() -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
-__all__ = ["Dist", "setup_distributed", "seed_everything", "tune_cpu_allocator", "cpu_bf16", "git_commit"]
+__all__ = ["Dist", "setup_distributed", "seed_everything", "tune_cpu_allocator", "git_commit"]

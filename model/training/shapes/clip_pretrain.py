@@ -56,7 +56,8 @@ from model.backbone import build_text_tower, build_vision_tower, interpolate_pos
 from model.checkpoint import file_sha256
 from model.clip_weights import ClipTowers, load_state_strict, read_state_dict, save_clip, split_clip_state_dict
 from model.config import ModelConfig
-from model.training.runtime import cpu_bf16, tune_cpu_allocator
+from model.dtypes import native_bf16_feature
+from model.training.runtime import tune_cpu_allocator
 from model.training.shapes.clip_data import CachedTokenizer, caption_batches
 from model.training.shapes.clip_losses import concept_targets, content_groups, contrastive_loss, dense_concept_loss
 from model.training.shapes.clip_recipe import ClipRecipe
@@ -193,7 +194,7 @@ def train_clip(recipe: ClipRecipe, log: Callable[[str], None] = print,
     if recipe.init_clip is not None:
         load_initial_clip(towers, recipe.init_clip)
         log(f"initialised from {recipe.init_clip}")
-    if recipe.cpu_amp and not cpu_bf16():
+    if recipe.cpu_amp and native_bf16_feature() is None:
         log("warning: cpu_amp is set but this CPU has no native bf16 (AVX512-BF16 / AMX): autocast emulates it")
     tokenizer = CachedTokenizer(config)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
