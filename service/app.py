@@ -22,7 +22,7 @@ from service.engine import Engine, EngineConfig
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestMetrics, RequireMultipart, upload_paths
-from service.model_source import resolve_zoo_model, zoo_loader
+from service.model_source import checkpoint_loader, resolve_zoo_model, zoo_loader
 from service.routes import ops, segment
 from service.routes.demo import install_demo
 from service.settings import Settings
@@ -82,8 +82,7 @@ def create_app(settings: Settings | None = None, *, loader: Callable[[], Predict
     if loader is None and zoo is not None:
         loader = zoo_loader(settings, zoo)
     if loader is None:
-        loader = partial(Predictor.from_checkpoint, settings.checkpoint, settings.device, settings.dtype,
-                         settings.input_size, settings.geometry, settings.runtime, settings.cache_dir)
+        loader = checkpoint_loader(settings, settings.checkpoint)
     lifespan = partial(_run_engine, settings, metrics, _reporting_build_info(loader, metrics), on_fatal)
     app = FastAPI(title="zutis-service", version=VERSION, description=DESCRIPTION, lifespan=lifespan, docs_url=None,
                   redoc_url=None)

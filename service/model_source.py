@@ -1,4 +1,5 @@
-"""Where the service's model comes from when ``ZUTIS_CHECKPOINT=zoo:NAME``: the zoo entry (checked at start-up,
+"""Where the service's model comes from: a checkpoint file (``checkpoint_loader``), or with
+``ZUTIS_CHECKPOINT=zoo:NAME`` the zoo entry (checked at start-up,
 before anything else starts) and the loader that fetches it (``model.fetch``: found in ``ZUTIS_CACHE_DIR``, or
 downloaded, verified and converted there) and then loads it.
 
@@ -10,6 +11,8 @@ The loader runs in the engine's model thread while the engine is ``loading``: ``
 from __future__ import annotations
 
 import logging
+from functools import partial
+from pathlib import Path
 from typing import Callable
 
 from model.download import DownloadPolicy
@@ -39,7 +42,13 @@ def zoo_loader(settings: Settings, model: ZooModel) -> Callable[[], Predictor]:
                              command=f"python -m service (ZUTIS_CHECKPOINT=zoo:{model.name})")
         log.info("zoo model %s: %s (%s)", model.name, result.checkpoint,
                  "from the cache" if result.cached else "downloaded and converted")
-        return Predictor.from_checkpoint(result.checkpoint, settings.device, settings.dtype, settings.input_size,
-                                         settings.geometry)
+        return checkpoint_loader(settings, result.checkpoint)()
 
     return load
+
+
+def checkpoint_loader(settings: Settings, path: Path) -> Callable[[], Predictor]:
+    """A loader of the checkpoint file ``path`` with every setting that shapes the predictor: device, dtype,
+    input size, geometry, runtime and the cache of its exports."""
+    return partial(Predictor.from_checkpoint, path, settings.device, settings.dtype, settings.input_size,
+                   settings.geometry, settings.runtime, settings.cache_dir)

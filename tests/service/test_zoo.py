@@ -82,6 +82,16 @@ def test_second_start_uses_the_cache(tmp_path, mirror):
     assert mirror.full_downloads(ZUTIS) == 1 and len(mirror.requests_for(ZUTIS)) == 1
 
 
+@pytest.mark.parametrize("runtime", ["torch", "openvino"])
+def test_a_zoo_model_is_loaded_with_every_setting_a_checkpoint_file_gets(tmp_path, mirror, runtime):
+    # The zoo's loader and a checkpoint file's are one: ZUTIS_RUNTIME, ZUTIS_DTYPE and ZUTIS_CACHE_DIR apply too.
+    with TestClient(create_app(zoo_settings(tmp_path, mirror, runtime=runtime, dtype="float32"))) as client:
+        wait_until_ready(client)
+        info = client.get("/info").json()
+    assert (info["runtime"], info["dtype"]) == (runtime, "float32")
+    assert (tmp_path / "c" / "openvino").is_dir() == (runtime == "openvino")  # exports go to ZUTIS_CACHE_DIR
+
+
 def test_unknown_zoo_name_fails_before_starting(tmp_path, mirror):
     with pytest.raises(ValueError, match="unknown zoo model 'nope' in .*zoo.json; known: tiny-coco"):
         create_app(zoo_settings(tmp_path, mirror, checkpoint="zoo:nope"))
