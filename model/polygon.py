@@ -49,9 +49,15 @@ def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0) -> Polygons:
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
-    if not mask.any():
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
         return []
-    doubled = np.repeat(np.repeat(mask.astype(np.uint8), 2, axis=0), 2, axis=1)
+    # Traced in the mask's box plus a 1-pixel margin of background (the same neighbourhood as in the whole image),
+    # then moved back: the cost follows the object's size, not the image's (an object in a 480 x 640 mask: 30x).
+    top, left = max(int(rows[0]) - 1, 0), max(int(cols[0]) - 1, 0)
+    box = mask[top:int(rows[-1]) + 2, left:int(cols[-1]) + 2]
+    offset = np.array([left, top], dtype=np.float32)  # (x, y) in pixels
+    doubled = np.repeat(np.repeat(box.astype(np.uint8), 2, axis=0), 2, axis=1)
     # RETR_CCOMP: outer boundaries at the top level, each with its holes as children (a part inside a hole is
     # a top-level boundary again, so it gets its own ring).
     contours, hierarchy = cv2.findContours(doubled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
@@ -69,7 +75,7 @@ def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0) -> Polygons:
         while ring is not exact and (ring is None or _ring_iou(ring, exact) < MIN_PART_IOU):
             step /= 2
             ring = exact if step < MIN_TOLERANCE else _part_ring(contours, links, index, step)
-        rings.append([float(v) for v in ring.ravel()])
+        rings.append([float(v) for v in (ring + offset).ravel()])
     return rings
 
 

@@ -152,6 +152,21 @@ def test_polygons_carry_holes_through_a_keyhole_cut():
     assert not back[30, 32 + 8] and not back[10, 70] and back[30, 32]  # inside the holes
 
 
+@pytest.mark.parametrize("tolerance", [0.0, 1.0])
+def test_polygons_follow_the_object_wherever_it_lies(tolerance):
+    # The outline is traced in the object's box: moving the object (or growing the image around it) moves its
+    # polygons by exactly that much, its box flush with the image's corner included.
+    from model.polygon import mask_to_polygons
+
+    shape = blobs(3)
+    at_origin = mask_to_polygons(shape, tolerance)
+    for dy, dx, hw in [(0, 0, (64, 80)), (37, 211, (480, 640)), (416, 560, (480, 640))]:
+        canvas = np.zeros(hw, dtype=bool)
+        canvas[dy:dy + 64, dx:dx + 80] = shape
+        moved = [[v - (dx if k % 2 == 0 else dy) for k, v in enumerate(r)] for r in mask_to_polygons(canvas, tolerance)]
+        assert moved == at_origin, (dy, dx)
+
+
 def test_no_library_module_imports_the_service_any_more():
     from tests.model.test_boundary import imported_modules, library_modules
 
