@@ -141,8 +141,7 @@ async def _client_disconnect(request: Request, exc: Exception) -> JSONResponse:
     connection: nobody reads this answer; it is counted (as the 408 the client got, when it got one), not logged as
     a failure."""
     assert isinstance(exc, ClientDisconnect)
-    if not request.scope.get(PROTOCOL_STATUS_SCOPE_KEY):  # a 408 is counted by service.protocol already
-        _count_rejection(request, "client_disconnected")
+    _count_rejection(request, "client_disconnected")  # not when service.protocol answered (it counts its 408)
     return error_response("client_disconnected", "the client closed the connection while sending the request")
 
 
