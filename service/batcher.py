@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import InitVar, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -31,7 +31,6 @@ from model.predictor import PreparedImage, Predictor
 from service.errors import ServiceError
 from service.metrics import Metrics
 from service.pool import WorkerPool
-from service.schema import SemanticFormat
 
 # The engine's pieces log under the engine's name, as one component.
 log = logging.getLogger("service.engine")
@@ -43,7 +42,7 @@ class Job:
 
     The request (``service.request.SegmentRequest``), resolved: ``vocabulary`` (background first) and its
     ``(C, E)`` unit-norm ``text_embeddings``, the checkpoint's ``params`` with the request's overrides, and the
-    ``answer`` format (``semantic=`` is a shorthand for ``answer=AnswerFormat(semantic=...)``). ``arrived`` and
+    ``answer`` format. ``arrived`` and
     ``deadline`` are ``time.perf_counter()`` seconds.
     """
 
@@ -54,14 +53,9 @@ class Job:
     arrived: float
     deadline: float
     answer: AnswerFormat = AnswerFormat()
-    semantic: InitVar[SemanticFormat | None] = None
     future: Future = field(default_factory=Future)
     enqueued: float = 0.0
     length: int = 0  # encoder tokens of the prepared image (set on submit), for grouping by size
-
-    def __post_init__(self, semantic: SemanticFormat | None) -> None:
-        if semantic is not None:
-            self.answer = replace(self.answer, semantic=semantic)
 
 
 @dataclass(frozen=True)

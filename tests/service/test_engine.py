@@ -10,6 +10,7 @@ from functools import partial
 import numpy as np
 import pytest
 
+from model.answer import AnswerFormat
 from service.schema import build_response
 from service.batcher import Job
 from service.engine import Engine, EngineConfig, await_answer
@@ -44,7 +45,8 @@ def make_job(engine: Engine, predictor, seed: int, concepts: list[str]) -> Job:
     vocabulary, text = predictor.encode_concepts(concepts, engine.text_cache)
     now = time.perf_counter()
     return Job(prepared=predictor.prepare(image(seed)), vocabulary=vocabulary, text_embeddings=text,
-               params=predictor.params(mask_threshold=MASK_THRESHOLD), semantic="png", arrived=now, deadline=now + 60)
+               params=predictor.params(mask_threshold=MASK_THRESHOLD), answer=AnswerFormat(semantic="png"),
+               arrived=now, deadline=now + 60)
 
 
 def hold_engine(engine: Engine, predictor) -> Job:

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from model.answer import AnswerFormat
 from service.batcher import Job, choose_batch
 from service.engine import Engine, EngineConfig
 from service.metrics import Metrics
@@ -83,7 +84,7 @@ def test_waiting_images_are_grouped_by_size(service_checkpoint):
             pixels = np.random.default_rng(hw[0]).integers(0, 256, size=(*hw, 3), dtype=np.uint8)
             now = time.perf_counter()
             return Job(prepared=predictor.prepare(pixels), vocabulary=vocabulary, text_embeddings=text,
-                       params=predictor.params(), semantic="none", arrived=now, deadline=now + 60)
+                       params=predictor.params(), answer=AnswerFormat(semantic="none"), arrived=now, deadline=now + 60)
 
         predictor.gate.clear()  # hold the engine in a forward pass while the others queue up
         blocker = job((16, 16))
