@@ -27,8 +27,9 @@ READY_TIMEOUT_S = 60.0
 
 @pytest.fixture(autouse=True)
 def _no_zutis_environment(monkeypatch):
-    """Settings read ZUTIS_* from the environment: the tests must not see the caller's."""
-    for key in [k for k in os.environ if k.startswith("ZUTIS_")]:
+    """Settings read ZUTIS_* from the environment: the tests must not see the caller's. ``ZUTIS_CACHE_DIR`` stays:
+    ``tests/conftest.py`` points it at a temporary folder, where every service's OpenVINO exports go."""
+    for key in [k for k in os.environ if k.startswith("ZUTIS_") and k != "ZUTIS_CACHE_DIR"]:
         monkeypatch.delenv(key)
 
 
@@ -47,12 +48,6 @@ def service_checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("service") / "tiny.safetensors")
 
 
-@pytest.fixture(scope="session")
-def service_cache_dir(tmp_path_factory):
-    """``ZUTIS_CACHE_DIR`` of the services the tests start (the OpenVINO exports), not the user's ~/.cache."""
-    return tmp_path_factory.mktemp("zutis-cache")
-
-
 def png_bytes(height: int, width: int, seed: int = 0, mode: str = "RGB") -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     buffer = io.BytesIO()
@@ -69,14 +64,13 @@ def wait_until_ready(client: TestClient, timeout_s: float = READY_TIMEOUT_S) -> 
 
 
 @pytest.fixture
-def make_client(service_checkpoint, service_cache_dir) -> Iterator[Callable[..., Any]]:
+def make_client(service_checkpoint) -> Iterator[Callable[..., Any]]:
     """``make_client(**settings)`` -> a started, ready ``TestClient`` (closed, i.e. drained, at the test's end)."""
     stack = []
 
     @contextmanager
     def started(wait: bool = True, loader=None, **overrides: Any) -> Iterator[TestClient]:
-        settings = Settings(**{"checkpoint": service_checkpoint, "device": "cpu", "max_batch_size": 4,
-                               "cache_dir": service_cache_dir, **overrides})
+        settings = Settings(**{"checkpoint": service_checkpoint, "device": "cpu", "max_batch_size": 4, **overrides})
         with TestClient(create_app(settings, loader=loader)) as client:
             if wait:
                 wait_until_ready(client)

@@ -90,10 +90,9 @@ def assert_well_formed(answer) -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzz_client(service_checkpoint, service_cache_dir):
+def fuzz_client(service_checkpoint):
     settings = Settings(checkpoint=service_checkpoint, device="cpu", max_batch_size=2, max_concepts=5,
-                        max_concept_length=20, max_image_pixels=40 * 40, max_body_bytes=64 * 1024,
-                        cache_dir=service_cache_dir)
+                        max_concept_length=20, max_image_pixels=40 * 40, max_body_bytes=64 * 1024)
     with TestClient(create_app(settings)) as client:
         wait_until_ready(client)
         yield client

@@ -30,8 +30,7 @@ def metric_value(text: str, sample: str) -> float:
     return float(match.group(1))
 
 
-def test_segment_answers_the_shared_schema_and_matches_the_predictor(make_client, service_checkpoint,
-                                                                     service_cache_dir):
+def test_segment_answers_the_shared_schema_and_matches_the_predictor(make_client, service_checkpoint):
     client = make_client()
     image = png_bytes(37, 53, seed=3)
     answer = segment(client, image, ["dog", "Cat , dog", " "], mask_threshold=MASK_THRESHOLD, semantic="png")
@@ -46,7 +45,7 @@ def test_segment_answers_the_shared_schema_and_matches_the_predictor(make_client
 
     # The same answer as the predictor in-process (same embeddings: the service's cache computes them the same way),
     # with the service's default precision and runtime (on this CPU: bfloat16 on OpenVINO where they exist).
-    predictor = Predictor.from_checkpoint(service_checkpoint, "cpu", runtime="auto", cache_dir=service_cache_dir)
+    predictor = Predictor.from_checkpoint(service_checkpoint, "cpu", runtime="auto")
     reference = predictor.predict([Image.open(io.BytesIO(image))], ["dog", "cat"], mask_threshold=MASK_THRESHOLD)[0]
     expected = json.loads(build_response(reference, predictor.model_id, "png").model_dump_json())
     assert without_timings(body) == without_timings(expected)
