@@ -21,7 +21,6 @@ always has it): a cache hit needs no re-hashing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from typing import Literal
 import httpx
 from filelock import FileLock, Timeout
 
+from model.checkpoint import file_sha256
 from model.zoo import RemoteFile
 
 log = logging.getLogger("model.download")
@@ -180,7 +180,7 @@ def _download_locked(remote: RemoteFile, dest: Path, policy: DownloadPolicy, cli
                 raise
     finally:
         progress.close()
-    digest = _sha256(part)
+    digest = file_sha256(part)
     if remote.sha256 is not None and digest != remote.sha256:
         _discard(part)
         raise FetchError(f"{remote.url}: sha256 mismatch: expected {remote.sha256}, got {digest} ({size} bytes); "
@@ -339,14 +339,6 @@ def _write_json(path: Path, value: dict) -> None:
 def _discard(part: Path) -> None:
     part.unlink(missing_ok=True)
     _record_path(part).unlink(missing_ok=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 * CHUNK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Progress:
