@@ -55,8 +55,9 @@ def instance_ious(prediction: Any, tolerance: float) -> list[tuple[int, float, i
     from pycocotools import mask as mask_utils
 
     from model.answer import AnswerFormat, encode_answer
+    from model.mask_iou import mask_iou
+    from model.polygon import polygons_to_mask
 
-    h, w = prediction.image_hw
     rle = encode_answer(prediction, "m", AnswerFormat(semantic="none")).instances
     poly = encode_answer(prediction, "m", AnswerFormat(semantic="none", mask_format="polygon",
                                                        polygon_tolerance=tolerance)).instances
@@ -64,10 +65,7 @@ def instance_ious(prediction: Any, tolerance: float) -> list[tuple[int, float, i
     for r, p in zip(rle, poly):
         mask = mask_utils.decode(r.segmentation.model_dump()).astype(bool)
         rings = p.segmentation
-        back = (mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(rings, h, w))).astype(bool) if rings
-                else np.zeros((h, w), dtype=bool))
-        union = (mask | back).sum()
-        out.append((int(mask.sum()), float((mask & back).sum() / union) if union else 1.0,
+        out.append((int(mask.sum()), mask_iou(mask, polygons_to_mask(rings, prediction.image_hw)),
                     sum(len(ring) // 2 for ring in rings)))
     return out
 

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -30,10 +29,10 @@ VARIANTS = (("torch", "bfloat16"), ("openvino", "float32"), ("openvino", "bfloat
 
 def compare(reference: Any, other: Any) -> dict[str, Any]:
     """Agreement of two ``Prediction``s of one image (``reference`` the float32 torch answer)."""
-    from pycocotools import mask as mask_utils
+    from model.mask_iou import mask_iou
 
-    def decoded(prediction: Any) -> list[tuple[str, float, np.ndarray]]:
-        return [(i.concept, i.score, mask_utils.decode(i.segmentation).astype(bool)) for i in prediction.instances]
+    def decoded(prediction: Any) -> list[tuple[str, float, Any]]:
+        return [(i.concept, i.score, i.mask) for i in prediction.instances]  # bool (H, W): the predictor's own
 
     ref, oth = decoded(reference), decoded(other)
     used: set[int] = set()
@@ -43,7 +42,7 @@ def compare(reference: Any, other: Any) -> dict[str, Any]:
         for j, (c, _, m) in enumerate(oth):
             if j in used or c != concept:
                 continue
-            iou = float((mask & m).sum() / max(1, (mask | m).sum()))
+            iou = mask_iou(mask, m)
             if iou > best_iou:
                 best, best_iou = j, iou
         if best is not None and best_iou > 0.5:
