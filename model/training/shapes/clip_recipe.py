@@ -110,8 +110,9 @@ class ClipRecipe:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"CLIP recipe not found: {path}")
+        d = read_config(path)  # its errors name the file already
         try:
-            return cls.from_dict(read_config(path))
+            return cls.from_dict(d)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
 
