@@ -32,6 +32,7 @@ from zutis_client.client import DEFAULT_URL, AsyncClient
 from zutis_client.errors import ZutisError
 from zutis_client.result import SegmentResult
 from zutis_client.retry import RetryPolicy
+from zutis_client.upload import read_file
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -137,13 +138,11 @@ def overlay_name(path: Path, taken: set[str]) -> str:
     return name
 
 
-def error_record(path: Path, exc: BaseException) -> dict[str, Any]:
+def error_record(exc: BaseException) -> dict[str, Any]:
     """The ``error`` of an image's record: the failure's own type and message (``ZutisError``s keep theirs; anything
     else is ``client_error`` naming the exception), and the HTTP status when there was an answer."""
     if isinstance(exc, ZutisError):
         return {"type": exc.type, "message": exc.message, "status": exc.status}
-    if isinstance(exc, OSError):
-        return {"type": "unreadable_image", "message": f"cannot read {path}: {exc.strerror or exc}", "status": None}
     return {"type": "client_error", "message": f"{type(exc).__name__}: {exc}", "status": None}
 
 
@@ -165,21 +164,24 @@ async def segment_all(args: argparse.Namespace, images: list[Path], concepts: li
             async with gate:
                 record: dict[str, Any] = {"image": str(path)}
                 try:
-                    data = await asyncio.to_thread(path.read_bytes)
+                    data = await asyncio.to_thread(read_file, path)
                     result = await client.segment(data, concepts or None, vocabulary=args.vocabulary,
                                                   score_threshold=args.score_threshold,
                                                   mask_threshold=args.mask_threshold, nms_iou=args.nms_iou,
                                                   max_instances=args.max_instances, mask_format=args.mask_format,
                                                   polygon_tolerance=args.polygon_tolerance, send=args.send)
                     record["answer"] = result.raw
-                    if args.overlay_dir:
+                except Exception as exc:  # noqa: BLE001 - every failure is this image's, recorded with its cause
+                    record["error"] = error_record(exc)
+                if "answer" in record and args.overlay_dir:
+                    try:
                         picture = await asyncio.to_thread(result.overlay, data)
                         await asyncio.to_thread(picture.save, args.overlay_dir / overlays[index])
-                except Exception as exc:  # noqa: BLE001 - every failure is this image's, recorded with its cause
-                    record["error"] = error_record(path, exc)
-                    if "answer" in record:
+                    except Exception as exc:  # noqa: BLE001 - the answer is kept; the overlay's own cause
+                        record["error"] = error_record(exc)
                         record["error"]["message"] = f"answered, but the overlay was not written: " \
                                                      f"{record['error']['message']}"
+                if "error" in record:
                     progress.write(f"{path}: {record['error']['message']} ({record['error']['type']})",
                                    file=sys.stderr)
                 records[index] = record

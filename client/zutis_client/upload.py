@@ -27,7 +27,7 @@ def to_upload(image: ImageInput) -> tuple[str, bytes, str]:
     """
     if isinstance(image, (str, Path)):
         path = Path(image)
-        return path.name, _read(path), "application/octet-stream"
+        return path.name, read_file(path), "application/octet-stream"
     if isinstance(image, (bytes, bytearray, memoryview)):
         return "image", bytes(image), "application/octet-stream"
     if isinstance(image, np.ndarray):
@@ -57,7 +57,7 @@ def pictures_as_sent(image: ImageInput) -> list[Image.Image]:
     if isinstance(image, np.ndarray):
         return [Image.fromarray(_as_uint8(image)).convert("RGB")]
     if isinstance(image, (str, Path)):
-        data = _read(Path(image))
+        data = read_file(Path(image))
     elif isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
     elif hasattr(image, "read"):
@@ -102,7 +102,8 @@ def upright_picture(image: Image.Image) -> Image.Image:
     return upright if upright is not None else image
 
 
-def _read(path: Path) -> bytes:
+def read_file(path: Path) -> bytes:
+    """The bytes of the file ``path``; ``ZutisUsageError`` (``unreadable_image``) naming it if it cannot be read."""
     try:
         return path.read_bytes()
     except OSError as exc:

@@ -111,6 +111,18 @@ def test_a_failed_image_is_reported_and_the_others_written(live_url, tmp_path):
     assert "broken.png" in done.stderr and "1 of 2 image(s) answered" in done.stderr
 
 
+def test_an_overlay_that_cannot_be_written_keeps_the_answer_and_says_why(live_url, tmp_path):
+    overlays = tmp_path / "overlays"
+    (overlays / f"{EXAMPLES[0].stem}.png").mkdir(parents=True)  # a folder where the overlay file would go
+    done = zutis_client("segment", str(EXAMPLES[0]), "--concepts", "red circle", "--no-progress",
+                        "--overlay-dir", str(overlays), env={"ZUTIS_URL": live_url})
+    assert done.returncode == 1
+    [record] = json.loads(done.stdout)["results"]
+    assert "answer" in record  # the answer is kept
+    assert record["error"]["message"].startswith("answered, but the overlay was not written: IsADirectoryError")
+    assert "cannot read" not in record["error"]["message"]  # not reported as the input being unreadable
+
+
 def test_api_key_from_the_environment(serve, tmp_path):
     url, _ = serve(api_key="k3y")
     ok = zutis_client("segment", str(EXAMPLES[0]), "--concepts", "cat", "--no-progress",
