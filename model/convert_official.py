@@ -37,7 +37,8 @@ OFFICIAL_INFERENCE = InferenceParams(mask_threshold=0.5, temperature=5.0, nms_io
                                      max_instances=100)
 OFFICIAL_INPUT_SIZE = 640
 # The official protocol runs every image at its own size (reference §3.1): native geometry, with the input size
-# as the longer-side cap (ImageNet-S caps at 1024; pass --input-size 1024 there).
+# as the longer-side cap. ImageNet-S caps at 1024: model.fetch (model.zoo.official_input_size) passes input_size
+# 1024 for it; this command stores 640 for every vocabulary, and ZUTIS_INPUT_SIZE=1024 sets it at serving time.
 OFFICIAL_GEOMETRY = "native"
 
 

@@ -29,14 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from model.config import ModelConfig
+from model.convert_official import OFFICIAL_GEOMETRY, OFFICIAL_INPUT_SIZE
 from model.geometry import GEOMETRIES
 from model.vocabularies import VOCABULARIES
 
 BUILTIN_MANIFEST = Path(__file__).with_name("zoo.json")
 ZOO_PREFIX = "zoo:"
 OFFICIAL_ARCHITECTURES = ("ViT-B-16", "ViT-B-32")
-DEFAULT_GEOMETRY = "native"
-DEFAULT_INPUT_SIZE = 640
+DEFAULT_GEOMETRY = OFFICIAL_GEOMETRY  # the official protocol's (model.convert_official)
+DEFAULT_INPUT_SIZE = OFFICIAL_INPUT_SIZE
 # The official protocol's longer-side cap (reference §3.6): COCO and CoCA images go in at their own size (640 is
 # COCO's longer side), ImageNet-S images are capped at 1024.
 OFFICIAL_INPUT_SIZES = {"coco": 640, "coca": 640, "imagenet_s919": 1024}
