@@ -130,8 +130,9 @@ def encode_instance_masks(instances: Sequence[InstancePrediction], image_hw: tup
         return []
     if answer_format.mask_format == "polygon":
         from model.polygon import mask_to_polygons
+        from model.rle import as_numpy
 
-        return [mask_to_polygons(_numpy_mask(inst.mask), answer_format.polygon_tolerance) for inst in instances]
+        return [mask_to_polygons(as_numpy(inst.mask), answer_format.polygon_tolerance) for inst in instances]
     if answer_format.mask_format != "rle":
         raise ValueError(f"unknown mask format {answer_format.mask_format!r}; use rle or polygon")
     return [RLE(**rle) for rle in _rles(instances)]
@@ -141,12 +142,12 @@ def _rles(instances: Sequence[InstancePrediction]) -> list[dict[str, Any]]:
     """COCO RLEs of the instances' masks, in one batched encode."""
     import torch
 
-    from model.rle import encode_masks
+    from model.rle import as_numpy, encode_masks
 
     masks = [inst.mask for inst in instances]
     if all(isinstance(m, torch.Tensor) for m in masks):
         return encode_masks(_stacked(masks))
-    return encode_masks(np.stack([_numpy_mask(m) for m in masks]))
+    return encode_masks(np.stack([as_numpy(m) for m in masks]))
 
 
 def _stacked(masks: list[Any]) -> Any:
@@ -160,12 +161,6 @@ def _stacked(masks: list[Any]) -> Any:
             for k, m in enumerate(masks)):
         return base
     return torch.stack(masks)
-
-
-def _numpy_mask(mask: Any) -> np.ndarray:
-    if hasattr(mask, "detach"):
-        return mask.detach().cpu().numpy()
-    return np.asarray(mask)
 
 
 def encode_semantic_map(label_map: np.ndarray, concepts: Sequence[str], semantic: SemanticFormat) -> SemanticMap:

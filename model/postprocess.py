@@ -20,7 +20,7 @@ from model.geometry import Placement
 from model.resample import resample_argmax_to_image, resample_masks_to_image, valid_grid_hw
 from model.mask_iou import mask_areas
 from model.nms import mask_nms
-from model.rle import encode_masks, masks_to_boxes_xywh
+from model.rle import as_numpy, encode_masks, masks_to_boxes_xywh
 
 
 @dataclass(eq=False)
@@ -47,11 +47,7 @@ class InstancePrediction:
             return NotImplemented
         same = (self.concept_index, self.concept, self.score, self.bbox_xywh, self.area) == \
             (other.concept_index, other.concept, other.score, other.bbox_xywh, other.area)
-        return same and np.array_equal(_as_numpy(self.mask), _as_numpy(other.mask))
-
-
-def _as_numpy(mask: Any) -> np.ndarray:
-    return mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        return same and np.array_equal(as_numpy(self.mask), as_numpy(other.mask))
 
 
 @dataclass

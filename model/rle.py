@@ -17,7 +17,8 @@ from pycocotools import mask as mask_utils
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _as_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
+def as_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A numpy view (or CPU copy) of an array or tensor on any device."""
     return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
 
 
@@ -103,7 +104,7 @@ def masks_to_boxes_xywh(masks: torch.Tensor) -> torch.Tensor:
 
 
 def _check_label_map(label_map: np.ndarray | torch.Tensor) -> np.ndarray:
-    arr = _as_numpy(label_map)
+    arr = as_numpy(label_map)
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"a label map must be (H, W) integers, got shape {arr.shape} dtype {arr.dtype}")
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535):
@@ -188,6 +189,7 @@ def decode_semantic_rle(items: list[dict[str, Any]], hw: tuple[int, int]) -> np.
 
 
 __all__ = [
+    "as_numpy",
     "encode_masks",
     "encode_column_major",
     "decode_rle",
