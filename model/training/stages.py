@@ -280,13 +280,20 @@ def pseudo_mask_stage_inputs(data: DataConfig, paths: Sequence[str], clip_weight
                              ) -> dict[str, Any]:
     """What the pseudo-mask stage is keyed on: the image paths, the extractors, their options and weight files, and
     (only with the "clip" extractor) the retrieval CLIP's file and own architecture fields."""
-    options = dict(data.pseudo_masks)
-    names = list(options.pop("extractors", ["colour"]))
-    weights = {k: options.pop(k, None) for k in ("dino_weights", "moco_weights")}
+    names, options, weights = _pseudo_mask_options(data)
     clip_file, clip_arch = _retrieval_clip(data, clip_weights, model_config)
     return {"images": stage_key({"paths": list(paths)}), "extractors": names, "options": options,
             **{k: file_sha256(v) for k, v in weights.items() if v},
             **({"clip_weights": file_sha256(clip_file), "clip_model": clip_arch} if "clip" in names else {})}
+
+
+def _pseudo_mask_options(data: DataConfig) -> tuple[list[str], dict[str, Any], dict[str, str | None]]:
+    """``data.pseudo_masks`` split as the stage reads it, and so keys it: the extractor names, their options, and
+    the DINO / MoCo weight files."""
+    options = dict(data.pseudo_masks)
+    names = list(options.pop("extractors", ["colour"]))
+    weights = {k: options.pop(k, None) for k in ("dino_weights", "moco_weights")}
+    return names, options, weights
 
 
 def _legacy(inputs: dict[str, Any], data: DataConfig, model_config: ModelConfig) -> dict[str, Any]:
@@ -331,9 +338,7 @@ def _pseudo_mask_stage(data: DataConfig, retrieval: dict[str, list[str]], clip_w
                        log: Callable[[str], None]) -> Path:
     """The pseudo-mask stage over every retrieved image (``pseudo_mask_stage_inputs``); returns its directory."""
     paths = sorted({p for ps in retrieval.values() for p in ps})
-    options = dict(data.pseudo_masks)
-    names = list(options.pop("extractors", ["colour"]))
-    weights = {k: options.pop(k, None) for k in ("dino_weights", "moco_weights")}
+    names, options, weights = _pseudo_mask_options(data)
     clip_file, clip_arch = _retrieval_clip(data, clip_weights, model_config)
     inputs = pseudo_mask_stage_inputs(data, paths, clip_weights, model_config)
     old = _legacy(inputs, data, model_config)
