@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import statistics
 import sys
 import threading
 import time
@@ -29,7 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.fixtures import free_port, rss_mb, start_service, stop, wait_ready  # noqa: E402 (importable once the line above ran)
-from benchmarks.reports import write_json_report  # noqa: E402
+from benchmarks.reports import latency_summary, write_json_report  # noqa: E402
 
 
 def example_png(size: tuple[int, int] = (256, 256)) -> bytes:
@@ -39,12 +38,7 @@ def example_png(size: tuple[int, int] = (256, 256)) -> bytes:
 
 
 def percentiles_ms(seconds: list[float]) -> dict[str, float]:
-    if not seconds:
-        return {}
-    ordered = sorted(seconds)
-    return {"n": len(ordered), "p50": round(statistics.median(ordered) * 1000, 1),
-            "p99": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000, 1),
-            "max": round(ordered[-1] * 1000, 1)}
+    return {"n": len(seconds), **latency_summary(seconds, scale=1000, digits=1)} if seconds else {}
 
 
 async def burst(base: str, count: int, image: bytes) -> list[tuple[str, float]]:

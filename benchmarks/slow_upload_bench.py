@@ -24,7 +24,6 @@ import io
 import resource
 import selectors
 import socket
-import statistics
 import sys
 import threading
 import time
@@ -38,7 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.fixtures import free_port, rss_mb, start_service, stop, wait_ready  # noqa: E402 (importable once the line above ran)
-from benchmarks.reports import write_json_report  # noqa: E402
+from benchmarks.reports import latency_summary, write_json_report  # noqa: E402
 
 STALLED_HEAD = (b"POST /segment HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                 b"Content-Length: 50000\r\n\r\n")
@@ -73,7 +72,7 @@ def timed_probes(client: httpx.Client, probes: int, segments: int, image: bytes)
                              data={"concepts": "red circle,blue star"})
         statuses.append(answer.status_code)
         segment.append((time.perf_counter() - start) * 1000)
-    return {"healthz_ms": summary(healthz), "segment_ms": summary(segment),
+    return {"healthz_ms": latency_summary(healthz), "segment_ms": latency_summary(segment),
             "non_200": sum(status != 200 for status in statuses)}
 
 
@@ -96,17 +95,10 @@ def probe_until(client: httpx.Client, done: threading.Event, image: bytes, every
             segment.append((time.perf_counter() - start) * 1000)
         rounds += 1
         done.wait(0.1)
-    return {"healthz_ms": summary(healthz), "healthz_ms_after_first_s": summary(later),
-            "segment_ms": summary(segment), "healthz_n": len(healthz),
+    return {"healthz_ms": latency_summary(healthz), "healthz_ms_after_first_s": latency_summary(later),
+            "segment_ms": latency_summary(segment), "healthz_n": len(healthz),
             "slowest_healthz_at_s": round(worst[1], 2),
             "segment_n": len(segment), "non_200": sum(status != 200 for status in statuses)}
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {"p50": round(statistics.median(ordered), 2), "p99": round(ordered[min(len(ordered) - 1,
-                                                                                  int(0.99 * len(ordered)))], 2),
-            "max": round(ordered[-1], 2)}
 
 
 def open_stalled(port: int, count: int) -> tuple[list[socket.socket], dict[int, float]]:
@@ -154,7 +146,7 @@ def watch_until_closed(sockets: list[socket.socket], sent_at: dict[int, float], 
             status = "408-without-json-type"
         statuses[status] = statuses.get(status, 0) + 1
     return {"closed": len(closed_after), "still_open": still_open, "reset": reset, "answers": statuses,
-            "closed_after_s": summary(closed_after) | {"min": round(min(closed_after), 2)} if closed_after else {}}
+            "closed_after_s": latency_summary(closed_after) | {"min": round(min(closed_after), 2)} if closed_after else {}}
 
 
 def main() -> int:
