@@ -8,7 +8,7 @@ Nothing heavy at import: torch, PIL and httpx are imported by the functions that
   Random weights give the real shapes and the real cost, never meaningful answers.
 - **Images**: ``blob_jpeg`` is a JPEG of smooth random colour blobs (it compresses and decodes like a photo, unlike
   white noise), optionally with mild noise; ``coco_like_jpegs`` cycles through COCO's common sizes;
-  ``blob_masks`` gives irregular instance masks.
+  ``blob_masks`` gives irregular instance masks; ``example_png`` resizes an example picture.
 - **The service**: ``free_port``, ``service_env`` / ``start_service`` (``python -m service`` with ``ZUTIS_*``
   settings, the caller's own ``ZUTIS_*`` variables dropped), ``wait_ready``, ``rss_mb``, ``stop``.
 """
@@ -81,6 +81,16 @@ def blob_jpeg(height: int, width: int, seed: int = 0, noise: float = 0.0, qualit
         image = Image.fromarray(np.clip(pixels + rng.normal(0, noise, pixels.shape), 0, 255).astype(np.uint8))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def example_png(size: tuple[int, int]) -> bytes:
+    """``examples/shapes-1.png`` resized to ``size`` (width, height), as PNG: a picture the demo checkpoint finds
+    objects in, for benchmarks of the service itself."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(REPO_ROOT / "examples" / "shapes-1.png").convert("RGB").resize(size).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

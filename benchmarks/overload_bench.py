@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import sys
 import threading
 import time
@@ -21,20 +20,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import httpx
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.fixtures import free_port, rss_mb, start_service, stop, wait_ready  # noqa: E402 (importable once the line above ran)
+from benchmarks.fixtures import example_png, free_port, rss_mb, start_service, stop, wait_ready  # noqa: E402 (importable once the line above ran)
 from benchmarks.reports import latency_summary, write_json_report  # noqa: E402
-
-
-def example_png(size: tuple[int, int] = (256, 256)) -> bytes:
-    buffer = io.BytesIO()
-    Image.open(ROOT / "examples" / "shapes-1.png").convert("RGB").resize(size).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def percentiles_ms(seconds: list[float]) -> dict[str, float]:
@@ -101,7 +93,7 @@ def main() -> int:
                             max_batch_size=args.max_batch_size)
     try:
         wait_ready(base, service, 180, args.service_log)
-        image = example_png()
+        image = example_png((256, 256))
         idle: list[float] = []
         idle_failures: list[str] = []
         done = threading.Event()

@@ -20,7 +20,6 @@ default ``ZUTIS_MAX_CONNECTIONS`` is sized from it), since 1,500 sockets on each
 from __future__ import annotations
 
 import argparse
-import io
 import resource
 import selectors
 import socket
@@ -30,13 +29,12 @@ import time
 from pathlib import Path
 
 import httpx
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.fixtures import free_port, rss_mb, start_service, stop, wait_ready  # noqa: E402 (importable once the line above ran)
+from benchmarks.fixtures import example_png, free_port, rss_mb, start_service, stop, wait_ready  # noqa: E402 (importable once the line above ran)
 from benchmarks.reports import latency_summary, write_json_report  # noqa: E402
 
 STALLED_HEAD = (b"POST /segment HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; boundary=b\r\n"
@@ -51,12 +49,6 @@ def raise_open_file_limit(needed: int) -> tuple[int, int]:
     if soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def example_png() -> bytes:
-    buffer = io.BytesIO()
-    Image.open(ROOT / "examples" / "shapes-1.png").convert("RGB").resize((128, 128)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def timed_probes(client: httpx.Client, probes: int, segments: int, image: bytes) -> dict[str, object]:
@@ -146,7 +138,8 @@ def watch_until_closed(sockets: list[socket.socket], sent_at: dict[int, float], 
             status = "408-without-json-type"
         statuses[status] = statuses.get(status, 0) + 1
     return {"closed": len(closed_after), "still_open": still_open, "reset": reset, "answers": statuses,
-            "closed_after_s": latency_summary(closed_after) | {"min": round(min(closed_after), 2)} if closed_after else {}}
+            "closed_after_s": (latency_summary(closed_after) | {"min": round(min(closed_after), 2)}
+                               if closed_after else {})}
 
 
 def main() -> int:
@@ -170,7 +163,7 @@ def main() -> int:
                             log_level="warning", body_idle_timeout_s=args.idle_timeout_s)
     try:
         wait_ready(base, service, 180, args.service_log)
-        image = example_png()
+        image = example_png((128, 128))
         with httpx.Client(base_url=base, timeout=60) as client:
             info = client.get("/info").json()
             timed_probes(client, 5, 2, image)  # warm the connection and the text cache
