@@ -18,19 +18,19 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Literal, Protocol
+from typing import Any, BinaryIO, Literal, Protocol, get_args
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from model.answer import DEFAULT_POLYGON_TOLERANCE, AnswerFormat, MaskFormat, SemanticFormat
-from model.vocabularies import VOCABULARIES
 from service.concepts import parse_concepts
 from service.errors import ServiceError
 
+# The official vocabularies (model.vocabularies.VOCABULARIES; a test keeps the two equal) and the checkpoint's own.
 VocabularyName = Literal["coco", "coca", "imagenet_s919", "checkpoint"]
-VOCABULARY_NAMES: tuple[str, ...] = (*VOCABULARIES, "checkpoint")
+VOCABULARY_NAMES: tuple[str, ...] = get_args(VocabularyName)
 FILE_HINT = "image: send a file, e.g. curl -F image=@photo.jpg"
 
 

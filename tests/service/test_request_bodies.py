@@ -180,3 +180,10 @@ def test_the_body_limit_applies_to_the_encoded_json_body(make_client):
     assert segment(client, noisy, "cat").status_code == 200
     assert_error(post_json(client, {"image": base64.b64encode(noisy).decode(), "concepts": ["cat"]}), 413,
                  "body_too_large", "65,536")
+
+
+def test_the_named_vocabularies_are_the_official_ones_and_the_checkpoints():
+    from model.vocabularies import VOCABULARIES
+    from service.request import VOCABULARY_NAMES
+
+    assert VOCABULARY_NAMES == (*VOCABULARIES, "checkpoint")
