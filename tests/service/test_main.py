@@ -3,7 +3,6 @@ SIGTERM (with requests in flight), loading progress in the log, and one-line err
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
@@ -20,12 +19,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.fixtures import REPO_ROOT
+from benchmarks.fixtures import service_env as fixture_service_env
+from benchmarks.fixtures import start_service
 from tests.service.conftest import png_bytes
 from tests.support import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 HTTP_ERRORS = (httpx.HTTPError,)
 
 
@@ -48,28 +49,26 @@ class Service:
         return int(float(match.group(1)))
 
 
-def service_env(checkpoint: Path | str, port: int, **settings: str) -> dict[str, str]:
-    """The environment of ``python -m service`` for a test: the caller's without its ``ZUTIS_*`` variables, a
-    checkpoint (a file, or ``zoo:NAME``), CPU, one torch thread, and ``ZUTIS_<KEY>`` for each of ``settings``. The
-    cache (OpenVINO exports) is beside a checkpoint file, never the user's ~/.cache, unless ``CACHE_DIR`` is given."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZUTIS_")}
-    env.update(ZUTIS_CHECKPOINT=str(checkpoint), ZUTIS_DEVICE="cpu", ZUTIS_HOST="127.0.0.1", ZUTIS_PORT=str(port),
-               ZUTIS_TORCH_THREADS="1")
+def service_settings(checkpoint: Path | str, settings: dict[str, str]) -> dict[str, str]:
+    """The settings of a test's service: CPU, one torch thread, the OpenVINO exports beside a checkpoint file (a
+    zoo checkpoint keeps the tests' temporary ``ZUTIS_CACHE_DIR``), never in the user's ~/.cache; then
+    ``settings`` (keys as in ``ZUTIS_<KEY>``, any case)."""
+    defaults = {"device": "cpu", "torch_threads": "1"}
     if isinstance(checkpoint, Path):
-        env["ZUTIS_CACHE_DIR"] = str(checkpoint.parent / "zutis-cache")
-    env.update({f"ZUTIS_{k.upper()}": v for k, v in settings.items()})
-    if "ZUTIS_CACHE_DIR" not in env:
-        raise ValueError("a zoo checkpoint needs CACHE_DIR=... (the test's own folder, not the user's cache)")
-    return env
+        defaults["cache_dir"] = str(checkpoint.parent / "zutis-cache")
+    return {**defaults, **{k.lower(): v for k, v in settings.items()}}
+
+
+def service_env(checkpoint: Path | str, port: int, **settings: str) -> dict[str, str]:
+    """``benchmarks.fixtures.service_env`` with ``service_settings``."""
+    return fixture_service_env(checkpoint, port, **service_settings(checkpoint, settings))
 
 
 @contextmanager
 def running_service(checkpoint: Path, log: Path, **settings: str) -> Iterator[Service]:
     """``python -m service`` on a free port, ready; killed at the end if it is still running."""
     port = free_port()
-    with open(log, "wb") as output:
-        process = subprocess.Popen([sys.executable, "-m", "service"], stdout=output, stderr=subprocess.STDOUT,
-                                   env=service_env(checkpoint, port, **settings), cwd=REPO_ROOT)
+    process = start_service(checkpoint, port, log, **service_settings(checkpoint, settings))
     service = Service(process, f"http://127.0.0.1:{port}", port, log)
     try:
         wait_for(lambda: service.get("/readyz").status_code == 200, 90, "ready", process, log, HTTP_ERRORS)
