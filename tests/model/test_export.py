@@ -12,10 +12,6 @@ from tests.model.conftest import tiny_official_conversion
 from tests.model.test_native import structured_image
 
 
-def image(hw, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, hw + (3,), dtype=np.uint8)
-
-
 @pytest.fixture(scope="module")
 def onnx_export(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx")
