@@ -24,11 +24,11 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from tqdm import tqdm
 
-from zutis_client.client import DEFAULT_URL, AsyncClient
+from zutis_client.client import DEFAULT_URL, AsyncClient, MaskFormat, Vocabulary
 from zutis_client.errors import ZutisError
 from zutis_client.result import SegmentResult
 from zutis_client.retry import RetryPolicy
@@ -50,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
     seg.add_argument("--concepts", nargs="+",
                      help="concept names; several arguments and/or comma-separated (or --vocabulary)")
-    seg.add_argument("--vocabulary", choices=["coco", "coca", "imagenet_s919", "checkpoint"],
+    seg.add_argument("--vocabulary", choices=get_args(Vocabulary),
                      help="a named vocabulary of the service instead of --concepts")
-    seg.add_argument("--mask-format", choices=["rle", "polygon"], default="rle",
+    seg.add_argument("--mask-format", choices=get_args(MaskFormat), default="rle",
                      help="instance masks as COCO RLE (default) or COCO polygons")
     seg.add_argument("--polygon-tolerance", type=float, help="polygon simplification in pixels (service default 1)")
     seg.add_argument("--json", dest="send", action="store_const", const="json", default="multipart",
