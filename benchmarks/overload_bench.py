@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import threading
 import time
@@ -129,7 +130,7 @@ def main() -> int:
             "unexpected": unexpected, "latency_ms": {label: percentiles_ms(v) for label, v in seconds.items()},
             "healthz_ms": {"idle": percentiles_ms(idle), "during": percentiles_ms(during)},
             "healthz_failures": failures, "segment_after": after, "rss_mb": round(rss, 1),
-            "load_average": float(Path("/proc/loadavg").read_text().split()[0]),
+            "load_average": os.getloadavg()[0],
         }
         print(f"{args.rounds} bursts of {args.burst} concurrent uploads in {wall:.1f} s: {dict(labels)}; "
               f"unexpected answers {unexpected}")

@@ -20,6 +20,7 @@ default ``ZUTIS_MAX_CONNECTIONS`` is sized from it), since 1,500 sockets on each
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import selectors
 import socket
@@ -192,7 +193,7 @@ def main() -> int:
             "seconds_to_open_all": round(open_s, 2),
             "baseline": baseline, "during_attack": during, "after": after, "stalled": closing,
             "rss_mb": {"before": round(rss_before, 1), "during": round(rss_during, 1)},
-            "load_average": float(Path("/proc/loadavg").read_text().split()[0]),
+            "load_average": os.getloadavg()[0],
         }
         print(f"{args.connections} stalled uploads (idle timeout {report['body_idle_timeout_s']} s): "
               f"closed {closing['closed']}, still open {closing['still_open']}, answers {closing['answers']}, "

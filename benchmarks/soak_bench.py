@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import json
 import random
 import signal
@@ -215,7 +216,7 @@ def main() -> int:
         while time.monotonic() < until:
             minute = int((time.monotonic() - start) // 60)
             rss[minute] = rss_mb(service.pid)
-            load[minute] = float(Path("/proc/loadavg").read_text().split()[0])
+            load[minute] = os.getloadavg()[0]
             time.sleep(2.0)
         for thread in threads:
             thread.join(120)
