@@ -58,19 +58,32 @@ def official_model_config(arch: str) -> ModelConfig:
                        decoder_ffn_dim=2048, ffn_hidden_dim=256)
 
 
-def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read an official checkpoint (a raw ``state_dict``) with ``torch.load(weights_only=True)`` on the CPU."""
+def read_official_state_dict(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Read an official checkpoint (a raw ``state_dict``) with ``torch.load(weights_only=True)`` on the CPU.
+
+    ``mmap``: memory-map the file, so that only the tensors used are read (checking a file before using it);
+    files in the pre-1.6 (non-zip) format, which cannot be mapped, are then read whole.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"official ZUTIS checkpoint not found: {path}")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = _load_weights(path, mmap)
     except Exception as exc:  # a TorchScript archive, a pickle with objects, a truncated download...
         raise ValueError(f"{path}: not a weights-only torch file ({exc})") from exc
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: expected a flat state dict of tensors (the official release format), "
                          f"got {type(obj).__name__}" + (f" with keys {list(obj)[:5]}" if isinstance(obj, dict) else ""))
     return dict(obj)
+
+
+def _load_weights(path: Path, mmap: bool) -> object:
+    if mmap:
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - pre-1.6 (non-zip) files cannot be mapped; the plain read reports the rest
+            pass
+    return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def infer_architecture(state: dict[str, torch.Tensor]) -> str:

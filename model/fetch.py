@@ -33,11 +33,10 @@ from typing import Sequence
 from urllib.parse import unquote, urlsplit
 
 import httpx
-import torch
 
 from model.checkpoint import read_metadata
 from model.config import ModelConfig
-from model.convert_official import InputFileError, convert_official, infer_architecture
+from model.convert_official import InputFileError, convert_official, infer_architecture, read_official_state_dict
 from model.cache_dir import default_cache_dir
 from model.download import Downloaded, DownloadPolicy, FetchError, cache_lock, download, remove_download
 from model.vocabularies import VOCABULARIES
@@ -138,9 +137,7 @@ def _check_zutis_file(model: ZooModel, zutis: Downloaded) -> None:
     one when the manifest names none (read lazily with ``mmap``: only ``encoder.conv1.weight`` is touched). An
     unusable file is deleted."""
     try:
-        state = _load_lazily(zutis.path)
-        if not isinstance(state, dict):
-            raise ValueError(f"expected a state dict, got {type(state).__name__}")
+        state = read_official_state_dict(zutis.path, mmap=True)
         if not isinstance(model.architecture, ModelConfig):  # official: named, or inferred from the patch size
             found = infer_architecture(state)
             if model.architecture is not None and found != model.architecture:
@@ -151,15 +148,6 @@ def _check_zutis_file(model: ZooModel, zutis: Downloaded) -> None:
         problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FetchError(f"{model.zutis.url}: not a usable ZUTIS weights file ({problem}); the file was "
                          f"deleted") from None
-
-
-def _load_lazily(path: Path) -> object:
-    """``torch.load(weights_only=True)`` memory-mapped; files in the pre-1.6 (non-zip) format, which cannot be
-    mapped, are read whole."""
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - the plain read below raises the error worth reporting
-        return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def _convert(model: ZooModel, zutis: Downloaded, clip: Downloaded, out: Path, command: str | None) -> None:
